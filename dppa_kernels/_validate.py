@@ -1,0 +1,99 @@
+"""Input checks shared by the public ops: each error names the argument and the value."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .reference.threshold import COUNT_RULES, PARTITIONS, TIE_MODES
+from .spec import COMBINES, DIVISORS, ELECTS, SPARSIFY_METHODS, CombineSpec, SparsifySpec
+
+FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ALL_DTYPES = FAST_DTYPES + (torch.float64,)
+
+
+def check_tensor(x, argname: str, *, allow_fp64: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
+    allowed = ALL_DTYPES if allow_fp64 else FAST_DTYPES
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{argname} must be {names}, got {x.dtype}")
+
+
+def check_finite(x: torch.Tensor, argname: str) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{argname} contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False")
+
+
+def check_density(d, argname: str = "density") -> float:
+    if isinstance(d, bool) or not isinstance(d, (int, float)):
+        raise TypeError(f"{argname} must be a float in [0, 1], got {type(d).__name__}")
+    d = float(d)
+    if math.isnan(d) or d < 0.0 or d > 1.0:
+        raise ValueError(f"{argname} must be in [0, 1], got {d}")
+    return d
+
+
+def check_choice(value, choices: Sequence[str], argname: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{argname} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_same(tensors: Sequence[torch.Tensor], argname: str, ref: Optional[torch.Tensor] = None,
+               refname: str = "") -> None:
+    first = ref if ref is not None else tensors[0]
+    fname = refname or f"{argname}[0]"
+    for i, t in enumerate(tensors):
+        if tuple(t.shape) != tuple(first.shape):
+            raise ValueError(f"{argname}[{i}] has shape {tuple(t.shape)}, expected {tuple(first.shape)} like {fname}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{argname}[{i}] has dtype {t.dtype}, expected {first.dtype} like {fname}")
+        if t.device != first.device:
+            raise ValueError(f"{argname}[{i}] is on {t.device}, expected {first.device} like {fname}")
+
+
+def check_sparsify_spec(s: SparsifySpec, argname: str = "spec") -> None:
+    check_choice(s.method, SPARSIFY_METHODS, f"{argname}.method")
+    check_choice(s.tie_mode, TIE_MODES, f"{argname}.tie_mode")
+    check_choice(s.partition, PARTITIONS, f"{argname}.partition")
+    check_choice(s.count_rule, COUNT_RULES, f"{argname}.count_rule")
+    check_choice(s.rescale, ("none", "inv_density", "l1"), f"{argname}.rescale")
+    check_choice(s.band_combine, ("max", "direct"), f"{argname}.band_combine")
+    if s.partition == "block" and (not isinstance(s.block_size, int) or s.block_size < 1):
+        raise ValueError(f"{argname}.block_size must be a positive int for partition='block', got {s.block_size!r}")
+    if s.key_dtype is not None and s.key_dtype not in FAST_DTYPES:
+        raise TypeError(f"{argname}.key_dtype must be bfloat16, float16 or float32, got {s.key_dtype}")
+    if s.method != "bands":
+        check_density(s.density, f"{argname}.density")
+    if s.method == "bands":
+        if not s.densities:
+            raise ValueError(f"{argname}.densities must list at least one density for method='bands'")
+        for j, d in enumerate(s.densities):
+            check_density(d, f"{argname}.densities[{j}]")
+        if any(b < a for a, b in zip(s.densities, s.densities[1:])):
+            raise ValueError(f"{argname}.densities must be non-decreasing so the bands nest, got {tuple(s.densities)}")
+        if len(s.alphas) != len(s.densities):
+            raise ValueError(f"{argname}.alphas must have one factor per band ({len(s.densities)}), got {tuple(s.alphas)}")
+        if any(not (a >= 0) for a in s.alphas):
+            raise ValueError(f"{argname}.alphas must be >= 0, got {tuple(s.alphas)}")
+    if s.method == "breadcrumbs":
+        if not (0.0 <= s.gamma <= 1.0):
+            raise ValueError(f"{argname}.gamma must be in [0, 1], got {s.gamma}")
+        if s.tie_mode != "exact_k":
+            raise ValueError(f"{argname}.tie_mode must be 'exact_k' for breadcrumbs (rank window), got {s.tie_mode!r}")
+    if s.method == "della" and 0.0 < s.density < 1.0:
+        if not (s.density - s.epsilon > 0.0 and s.density + s.epsilon < 1.0):
+            raise ValueError(f"{argname}.epsilon must keep density ± epsilon inside (0, 1); got density "
+                             f"{s.density}, epsilon {s.epsilon}")
+
+
+def check_combine_spec(c: CombineSpec) -> None:
+    check_choice(c.combine, COMBINES, "combine.combine")
+    check_choice(c.elect, ELECTS, "combine.elect")
+    check_choice(c.divisor, DIVISORS, "combine.divisor")
+    if not math.isfinite(c.lam):
+        raise ValueError(f"lambda must be finite, got {c.lam}")

@@ -1,0 +1,361 @@
+"""Public operations: validate once, then dispatch to a backend.
+
+Every function takes ``backend="auto" | "reference" | "torch" | "cpu" | "triton" | "cuda"``.
+``reference`` runs the pure-torch definitions in :mod:`dppa_kernels.reference`; the others run
+the same semantics through the primitives of :mod:`dppa_kernels.backends.base`.
+Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import _validate as V
+from . import reference as R
+from .backends.base import ApplyPlan
+from .backends.registry import get_backend, resolve
+from .methods import preset
+from .reference import rng
+from .reference.sparsify import L1_EPS, band_factors, breadcrumbs_window
+from .spec import CombineSpec, SparsifySpec
+
+PRUNE_METHODS = ("magnitude", "dare", "della", "breadcrumbs", "bands")
+
+
+def _partition_lengths(x: torch.Tensor, partition: str, block_size: Optional[int]) -> torch.Tensor:
+    n = x.numel()
+    if partition == "tensor":
+        return torch.tensor([n], dtype=torch.int64)
+    if partition == "row":
+        cols = x.shape[-1] if x.dim() else 1
+        return torch.full((n // cols if cols else 0,), cols, dtype=torch.int64)
+    full, rest = divmod(n, block_size)
+    lengths = torch.full((full,), block_size, dtype=torch.int64)
+    return torch.cat([lengths, torch.tensor([rest], dtype=torch.int64)]) if rest else lengths
+
+
+def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch.Tensor:
+    """Vectorised :func:`reference.keep_count` (same float64 arithmetic)."""
+    n = lengths.to(torch.float64)
+    if density >= 1.0:
+        return lengths.clone()
+    if density <= 0.0:
+        return torch.zeros_like(lengths)
+    if count_rule == "floor":
+        k = torch.floor(density * n)
+    elif count_rule == "min1":
+        k = torch.clamp(torch.floor(density * n), min=1.0)
+    else:  # dppa
+        k = n - torch.floor(n * (1.0 - density))
+    return torch.where(lengths > 0, k.to(torch.int64), torch.zeros_like(lengths))
+
+
+def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor]):
+    """tau, c_above, c_eq as [P, K] for K keep-count vectors (one select per level)."""
+    kd = spec.key_dtype or x.dtype
+    if (len(ks) > 1 and spec.partition == "tensor" and kd in (torch.bfloat16, torch.float16)):
+        hist = be.histogram(x, kd)  # one pass gives every level (DPPA.md §5)
+        rows = [R.threshold_from_hist(hist, int(k[0]), kd) for k in ks]
+        t = torch.tensor(rows, dtype=torch.int64)  # [K, 3]
+        return t[:, 0].unsqueeze(0), t[:, 1].unsqueeze(0), t[:, 2].unsqueeze(0)
+    res = [be.select(x, k, spec.partition, spec.block_size, spec.key_dtype) for k in ks]
+    return tuple(torch.stack([r[i] for r in res], dim=1) for i in range(3))
+
+
+def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode) -> ApplyPlan:
+    tau, above, eq = _select_levels(be, x, spec, ks)
+    k = torch.stack([kk for kk in ks], dim=1)
+    budget = (k - above).clamp(min=0)
+    return ApplyPlan(kind="thresholds", partition=spec.partition, block_size=spec.block_size,
+                     key_dtype=spec.key_dtype, tie_mode=tie_mode, tau_key=tau, budget=budget, c_eq=eq,
+                     factors=tuple(float(f) for f in factors))
+
+
+def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int) -> ApplyPlan:
+    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived)."""
+    m = spec.method
+    lengths = _partition_lengths(delta, spec.partition, spec.block_size)
+    if m == "none":
+        plan = ApplyPlan("dense")
+    elif m == "magnitude":
+        if spec.density >= 1.0 and not spec.density1_prunes_min:
+            plan = ApplyPlan("dense")
+        else:
+            k = lengths.clone() if spec.density >= 1.0 else keep_counts(lengths, spec.density, spec.count_rule)
+            plan = _threshold_plan(be, delta, spec, [k], (1.0,), spec.tie_mode)
+    elif m == "bands":
+        ks = [keep_counts(lengths, d, spec.count_rule) for d in spec.densities]
+        plan = _threshold_plan(be, delta, spec, ks, band_factors(spec.alphas, spec.band_combine), spec.tie_mode)
+    elif m == "breadcrumbs":
+        if spec.density >= 1.0:
+            plan = ApplyPlan("dense")
+        else:
+            n_top, target = breadcrumbs_window(delta.numel(), spec.density, spec.gamma)
+            s = spec.with_(partition="tensor", count_rule="floor")
+            ks = [torch.tensor([n_top]), torch.tensor([n_top + target])]
+            plan = _threshold_plan(be, delta, s, ks, (0.0, 1.0), "exact_k")
+    elif m == "dare":
+        if spec.density >= 1.0:
+            plan = ApplyPlan("dense")
+        else:
+            k1, k2 = rng.stream_keys(seed, name, stream)
+            plan = ApplyPlan("dare", k1=k1, k2=k2, thr32=rng.threshold32(spec.density))
+    elif m == "della":
+        if spec.density >= 1.0:
+            plan = ApplyPlan("dense")
+        else:
+            k1, k2 = rng.stream_keys(seed, name, stream)
+            if getattr(be, "della_mask", None) is not None and spec.density > 0:
+                mask = be.della_mask(delta, spec.density, spec.epsilon, k1, k2)
+            else:
+                mask = R.sparsify_factor(delta, spec, seed=seed, name=name, stream=stream) > 0
+            plan = ApplyPlan("mask", mask=mask)
+    else:
+        raise ValueError(f"unknown sparsification method {m!r}")
+    plan.scale = _rescale(be, delta, spec, plan)
+    return plan
+
+
+def _rescale(be, delta, spec: SparsifySpec, plan: ApplyPlan) -> float:
+    if spec.rescale == "none" or plan.kind == "dense":
+        return 1.0
+    if spec.rescale == "inv_density":
+        return 1.0 / spec.density if 0.0 < spec.density < 1.0 else 1.0
+    before, after = be.abs_sums(delta, plan)
+    return 1.0 if (before < L1_EPS or after < L1_EPS) else before / after
+
+
+def _prepare(tensors: Sequence[torch.Tensor], argname: str, check_finite: bool, backend: str):
+    for i, t in enumerate(tensors):
+        V.check_tensor(t, f"{argname}[{i}]" if len(tensors) > 1 or argname.endswith("s") else argname)
+    name = resolve(backend, tensors[0].device)
+    if name != "reference":
+        for i, t in enumerate(tensors):
+            if t.dtype == torch.float64:
+                raise TypeError(f"{argname} is float64: only backend='reference' accepts float64")
+    if check_finite:
+        for i, t in enumerate(tensors):
+            V.check_finite(t, f"{argname}[{i}]" if len(tensors) > 1 else argname)
+    return name
+
+
+def magnitude_threshold(
+    x: torch.Tensor,
+    density: float,
+    *,
+    partition: str = "tensor",
+    block_size: Optional[int] = None,
+    count_rule: str = "floor",
+    key_dtype: Optional[torch.dtype] = None,
+    return_counts: bool = False,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> Union[torch.Tensor, dict]:
+    """Exact k-th largest |x| per partition, k = keep count of ``density`` (see ``reference.threshold``).
+
+    Returns τ (dtype ``key_dtype`` or x's dtype; +inf where nothing is kept): a 0-d tensor for
+    ``partition="tensor"``, else one value per row/block. With ``return_counts=True`` a dict with
+    ``tau``, ``tau_key``, ``c_above`` (#|x| > τ), ``c_eq`` (#|x| == τ) and ``k``.
+    """
+    density = V.check_density(density)
+    spec = SparsifySpec("magnitude", density=density, partition=partition, block_size=block_size,
+                        count_rule=count_rule, key_dtype=key_dtype)
+    V.check_sparsify_spec(spec, "arguments")
+    name = _prepare([x], "x", check_finite, backend)
+    kd = key_dtype or x.dtype
+    if name == "reference":
+        res = R.magnitude_threshold_ref(x, density, partition=partition, block_size=block_size,
+                                        count_rule=count_rule, key_dtype=key_dtype)
+    else:
+        k = keep_counts(_partition_lengths(x, partition, block_size), density, count_rule)
+        tau, above, eq = get_backend(name).select(x.contiguous(), k, partition, block_size, key_dtype)
+        res = {"tau_key": tau, "c_above": above, "c_eq": eq, "k": k, "tau": R.key_to_value(tau, kd)}
+    if return_counts:
+        return res
+    tau = res["tau"].to(x.device)
+    return tau.reshape(()) if partition == "tensor" else tau
+
+
+def sparsify_spec(method: str, *, density: Optional[float] = None, tie_mode: Optional[str] = None,
+                  **params: Any) -> SparsifySpec:
+    """SparsifySpec for :func:`prune`'s ``method`` and keyword parameters (validated)."""
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    fields = set(SparsifySpec.__dataclass_fields__) - {"method", "density", "tie_mode"}
+    unknown = set(params) - fields
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for prune(method={method!r}); "
+                         f"valid: {sorted(fields | {'density', 'tie_mode', 'seed', 'name'})}")
+    if method == "bands":
+        if density is not None and "densities" not in params:
+            params["densities"] = (density,)
+        params.setdefault("count_rule", "dppa")
+        params["densities"] = tuple(params.get("densities", ()))
+        params["alphas"] = tuple(params.get("alphas", (1.0,) * len(params["densities"])))
+        tie_mode = tie_mode or "gt"
+        density = 1.0
+    elif density is None:
+        raise ValueError(f"density is required for prune(method={method!r})")
+    spec = SparsifySpec(method, density=V.check_density(density), tie_mode=tie_mode or "exact_k", **params)
+    V.check_sparsify_spec(spec, "arguments")
+    return spec
+
+
+def prune(
+    x: torch.Tensor,
+    method: str,
+    *,
+    density: Optional[float] = None,
+    seed: Optional[int] = None,
+    name: Optional[str] = None,
+    tie_mode: Optional[str] = None,
+    check_finite: bool = True,
+    backend: str = "auto",
+    **method_params: Any,
+) -> torch.Tensor:
+    """Sparsify one delta; returns a new tensor of x's dtype.
+
+    methods: ``magnitude`` (top-k of |x|, ``tie_mode`` exact_k by default), ``dare`` (random keep
+    with probability density; hash RNG keyed by ``seed`` (default 0) and ``name``), ``della``
+    (MagPrune, ``epsilon``), ``breadcrumbs`` (``gamma``), ``bands`` (DPPA partition amplification:
+    ``densities`` non-decreasing, ``alphas`` one factor each, ``band_combine``; tie_mode ``gt`` and
+    count_rule ``dppa`` by default). Options: ``partition``, ``block_size``, ``count_rule``,
+    ``rescale`` (none / inv_density / l1), ``key_dtype``.
+    """
+    spec = sparsify_spec(method, density=density, tie_mode=tie_mode, **method_params)
+    seed = 0 if seed is None else seed
+    name = name or ""
+    be_name = _prepare([x], "x", check_finite, backend)
+    if be_name == "reference":
+        return R.sparsify_ref(x, spec, seed=seed, name=name).to(x.dtype)
+    return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype)
+
+
+def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype):
+    be = get_backend(be_name)
+    deltas = [d.contiguous() for d in deltas]
+    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
+    return be.apply(deltas, None if base is None else base.contiguous(), plans, weights, combine, out_dtype)
+
+
+def merge_deltas(
+    deltas: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor] = None,
+    *,
+    method: str = "ties",
+    weights: Optional[Sequence[float]] = None,
+    specs: Optional[Sequence[SparsifySpec]] = None,
+    combine: Optional[CombineSpec] = None,
+    seed: int = 0,
+    name: str = "",
+    out_dtype: Optional[torch.dtype] = None,
+    check_finite: bool = True,
+    backend: str = "auto",
+    **params: Any,
+) -> torch.Tensor:
+    """Sparsify M deltas and combine them: base + λ·combine(w_i·Δ'_i), cast once to ``out_dtype``.
+
+    ``method`` is a mergekit name (task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+    breadcrumbs_ties, della, della_linear) or ``dppa`` / ``dppa_ties``; ``params`` are mergekit's
+    (``density``, ``weight``, ``normalize``, ``rescale``, ``lambda``, ``gamma``, ``epsilon``; per-model
+    lists allowed) plus ours (``densities``, ``alphas``, ``tie_mode``, ``count_rule``, ...). Or pass
+    explicit ``specs`` (one SparsifySpec per delta) and ``combine``. Model i's random stream is i.
+    """
+    if not isinstance(deltas, (list, tuple)) or not deltas:
+        raise ValueError("deltas must be a non-empty list of tensors")
+    for i, d in enumerate(deltas):
+        V.check_tensor(d, f"deltas[{i}]")
+    V.check_same(deltas, "deltas")
+    if base is not None:
+        V.check_tensor(base, "base")
+        if tuple(base.shape) != tuple(deltas[0].shape):
+            raise ValueError(f"base has shape {tuple(base.shape)}, expected {tuple(deltas[0].shape)} like deltas[0]")
+        if base.device != deltas[0].device:
+            raise ValueError(f"base is on {base.device}, deltas[0] on {deltas[0].device}")
+    if specs is None:
+        if weights is not None:
+            params["weight"] = list(weights)
+        if "lam" in params:
+            params["lambda"] = params.pop("lam")
+        w, specs, combine_p = preset(method, len(deltas), params)
+        combine = combine or combine_p
+    else:
+        if len(specs) != len(deltas):
+            raise ValueError(f"specs has {len(specs)} entries, expected one per delta ({len(deltas)})")
+        w = [1.0] * len(deltas) if weights is None else [float(x) for x in weights]
+        combine = combine or CombineSpec()
+    if len(w) != len(deltas):
+        raise ValueError(f"weights has {len(w)} values, expected {len(deltas)}")
+    for i, s in enumerate(specs):
+        V.check_sparsify_spec(s, f"specs[{i}]")
+    V.check_combine_spec(combine)
+    be_name = _prepare(list(deltas) + ([base] if base is not None else []), "deltas", check_finite, backend)
+    out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
+    if be_name == "reference":
+        return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
+    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype)
+
+
+def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """32768-bin histogram (int64, CPU) of the magnitude key of x rounded to ``stats_dtype``."""
+    be_name = _prepare([x], "x", check_finite, backend)
+    if stats_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"stats_dtype must be torch.bfloat16 or torch.float16, got {stats_dtype}")
+    if be_name == "reference":
+        return R.histogram_ref(x, stats_dtype)
+    return get_backend(be_name).histogram(x.contiguous(), stats_dtype)
+
+
+def dp_densities(
+    stats: Mapping[str, torch.Tensor],
+    *,
+    densities: Sequence[float] = (0.1, 0.2),
+    layers: Optional[Mapping[str, Any]] = None,
+    offset_lambda: float = 0.08,
+    outlier_mult_layer: float = 3.0,
+    outlier_mult_unit: float = 5.0,
+    density_clamp: tuple = (0.0, 1.0),
+    stats_dtype: torch.dtype = torch.bfloat16,
+    unit_pattern: Optional[str] = None,
+    layer_pattern: Optional[str] = None,
+    compat: Optional[str] = None,
+    backend: str = "auto",
+) -> R.DPAllocation:
+    """DPPA Dynamic Pruning allocation (DPPA.md §2) for one fine-tuned model.
+
+    ``stats`` maps tensor names to either deltas (their histograms are taken with ``backend``) or
+    precomputed 32768-bin histograms (1-D int tensors of length 32768). Units and their layers come
+    from ``layers`` or from the names (``reference.naming`` defaults, overridable by regex).
+    ``densities`` are the levels 1 − s_j (one for DP, K for K bands). Returns a DPAllocation whose
+    ``densities[name]`` lists one density per level.
+    """
+    for j, d in enumerate(densities):
+        V.check_density(d, f"densities[{j}]")
+    if any(b < a for a, b in zip(densities, list(densities)[1:])):
+        raise ValueError(f"densities must be non-decreasing, got {tuple(densities)}")
+    if offset_lambda < 0:
+        raise ValueError(f"offset_lambda must be >= 0, got {offset_lambda}")
+    lo, hi = density_clamp
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"density_clamp must satisfy 0 <= lo <= hi <= 1, got {density_clamp}")
+    if layers is None:
+        pats = {k: v for k, v in (("unit_pattern", unit_pattern), ("layer_pattern", layer_pattern)) if v}
+        shapes = {n: (None if _is_hist(t) else tuple(t.shape)) for n, t in stats.items()}
+        layers = R.group_units(shapes, **pats)
+    hists = {}
+    for n in layers:
+        if n not in stats:
+            raise ValueError(f"layers names tensor {n!r}, which is missing from stats")
+        t = stats[n]
+        hists[n] = t.to(torch.int64).cpu() if _is_hist(t) else tensor_histogram(t, stats_dtype=stats_dtype,
+                                                                                  backend=backend)
+    return R.dp_allocate(hists, layers, densities, offset_lambda=offset_lambda,
+                         outlier_mult_layer=outlier_mult_layer, outlier_mult_unit=outlier_mult_unit,
+                         density_clamp=density_clamp, stats_dtype=stats_dtype, compat=compat)
+
+
+def _is_hist(t: torch.Tensor) -> bool:
+    return t.dim() == 1 and t.numel() == R.HIST_BINS and not t.is_floating_point()
