@@ -1,0 +1,86 @@
+"""The Hybrid Sparsification Module: HIO operator D = I + L1·L0, per-channel scale s, shared gate m."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .ops import BACKENDS, hsm
+
+IDENTITY_LOSSES = ("code", "paper", "none")
+OFFICIAL_RANK = 200  # the official code hard-codes r = 200 (`eff`) for Llama-2-7B/13B
+
+
+def resolve_rank(rank: Union[int, str], d: int) -> int:
+    """``"auto"`` → max(1, round(0.05·d)) (the paper's "≈ 5 % of d"; the official code uses 200
+    for d = 4096/5120, see ``OFFICIAL_RANK``); an int must be in [1, d]."""
+    if rank == "auto":
+        return max(1, round(0.05 * d))
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int or 'auto', got {rank!r}")
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in [1, hidden size {d}], got {rank}")
+    return rank
+
+
+class HSM(nn.Module):
+    """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add (PAT.md §3).
+
+    L0 ∈ R^{r×d} (Kaiming-uniform, a = √5, as nn.Linear), L1 ∈ R^{d×r} (zeros), s ∈ R^d (ones), so
+    D = I at initialisation. Variants by ``identity_loss``: ``"code"`` (default: the scale s exists),
+    ``"paper"`` (D = I + L1 diag(v) L0 with v ∈ R^r = 0 and L1 with random orthonormal columns,
+    no s) and ``"none"`` (no s, no v; the ablation without identity loss). Parameters are fp32.
+    """
+
+    def __init__(self, d: int, rank: int, *, identity_loss: str = "code", backend: str = "auto",
+                 device=None) -> None:
+        super().__init__()
+        if identity_loss not in IDENTITY_LOSSES:
+            raise ValueError(f"identity_loss must be one of {IDENTITY_LOSSES}, got {identity_loss!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        kw = dict(dtype=torch.float32, device=device)
+        self.variant = identity_loss
+        self.backend = backend
+        self.l0 = nn.Parameter(torch.empty(rank, d, **kw))
+        nn.init.kaiming_uniform_(self.l0, a=math.sqrt(5))
+        self.l1 = nn.Parameter(torch.zeros(d, rank, **kw))
+        self.scale = nn.Parameter(torch.ones(d, **kw)) if identity_loss == "code" else None
+        self.v = None
+        if identity_loss == "paper":
+            self.v = nn.Parameter(torch.zeros(rank, **kw))
+            with torch.no_grad():  # orthonormal columns: L1ᵀL1 = I_r, the paper loss's target
+                self.l1.copy_(torch.linalg.qr(torch.randn(d, rank, **kw)).Q)
+
+    @property
+    def d(self) -> int:
+        return self.l0.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.l0.shape[0]
+
+    def effective_l1(self) -> torch.Tensor:
+        """L1 of D = I + L1 L0 (L1·diag(v) for the paper variant)."""
+        return self.l1 if self.v is None else self.l1 * self.v
+
+    def forward(self, y: torch.Tensor, m: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return hsm(y, self.l0, self.effective_l1(), self.scale, m, residual, backend=self.backend)
+
+    def identity_loss(self) -> torch.Tensor:
+        """code: mean((L0 L0ᵀ − I_r)²); paper: ‖L0 L0ᵀ − I_r‖_F + ‖L1ᵀ L1 − I_r‖_F (the paper's
+        ‖·‖₂ read as the Frobenius norm); none: 0."""
+        if self.variant == "none":
+            return self.l0.new_zeros(())
+        eye = torch.eye(self.rank, dtype=self.l0.dtype, device=self.l0.device)
+        g0 = self.l0 @ self.l0.t() - eye
+        if self.variant == "code":
+            return (g0 ** 2).mean()
+        return torch.linalg.matrix_norm(g0) + torch.linalg.matrix_norm(self.l1.t() @ self.l1 - eye)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, rank={self.rank}, variant={self.variant}, backend={self.backend}"
