@@ -1,0 +1,176 @@
+"""Public ops on every CPU-side backend vs the reference; input validation."""
+
+import pytest
+import torch
+from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta
+
+import dppa_kernels as dk
+from dppa_kernels.backends.registry import availability
+
+FAST = ["torch", "cpu"]
+
+
+def _backend(name):
+    ok, why = availability()[name]
+    if not ok:
+        pytest.skip(f"{name} backend not available here: {why}")
+    return name
+
+
+@pytest.fixture(params=FAST)
+def backend(request):
+    return _backend(request.param)
+
+
+def _ulp_close(a, b, dtype):
+    """Within one output ulp of the float64 reference, plus the fp32 reduction error.
+
+    Fast backends compute in fp32 and round once; the reference computes in float64 and rounds
+    once, so a value may land on the neighbouring representable number (1 ulp of the output
+    dtype). Sums of M terms in fp32 add a few fp32 ulps at the scale of the largest value
+    (quack-style tolerance at max|ref|).
+    """
+    a, b = a.double(), b.double()
+    scale = b.abs().max() if b.numel() else torch.tensor(0.0)
+    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * scale + 1e-30
+    bad = (a - b).abs() > tol
+    assert not bool(bad.any()), (f"{int(bad.sum())} mismatches, first at {bad.nonzero()[:3].tolist()}: "
+                                 f"{a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (5, 123, 41)], ids=str)
+@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
+def test_threshold_matches_reference(backend, dtype, shape, partition):
+    x = realistic_delta(shape, dtype, sigma=1e-4)
+    n = x.numel()
+    for d in (0.0, 1.0 / n, 0.2, 0.5, 1.0):
+        kw = dict(partition=partition, block_size=97, return_counts=True)
+        ref = dk.magnitude_threshold(x, d, backend="reference", **kw)
+        got = dk.magnitude_threshold(x, d, backend=backend, **kw)
+        for key in ("tau_key", "c_above", "c_eq", "k"):
+            assert torch.equal(got[key], ref[key]), (key, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
+@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
+def test_magnitude_prune_masks_identical_with_heavy_ties(backend, dtype, tie_mode, partition):
+    x = quantised_delta((9, 7, 41), dtype, levels=5)
+    for d in (0.0, 1 / x.numel(), 0.2, 0.5, 1.0):
+        kw = dict(density=d, tie_mode=tie_mode, partition=partition, block_size=50)
+        assert torch.equal(dk.prune(x, "magnitude", backend=backend, **kw),
+                           dk.prune(x, "magnitude", backend="reference", **kw)), d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_other_prune_methods_match_reference(backend, dtype):
+    x = realistic_delta((37, 129), dtype, sigma=2e-3)
+    cases = [("dare", dict(density=0.3, rescale="inv_density")), ("dare", dict(density=0.3, rescale="l1")),
+             ("della", dict(density=0.4, epsilon=0.1, rescale="l1")), ("breadcrumbs", dict(density=0.2, gamma=0.05)),
+             ("bands", dict(densities=(0.1, 0.2), alphas=(1.8, 1.0))),
+             ("bands", dict(densities=(0.05, 0.1, 0.3), alphas=(2.0, 1.5, 1.0), band_combine="direct",
+                            tie_mode="exact_k", partition="row"))]
+    for method, kw in cases:
+        ref = dk.prune(x, method, seed=11, name="layer.w", backend="reference", **kw)
+        got = dk.prune(x, method, seed=11, name="layer.w", backend=backend, **kw)
+        assert torch.equal(got != 0, ref != 0), method
+        _ulp_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                    "breadcrumbs_ties", "della", "della_linear", "dppa", "dppa_ties"])
+def test_merge_matches_reference(backend, dtype, method):
+    base, deltas = family((33, 65), 3, dtype, sigma=1e-3)
+    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
+    if method.startswith("della"):
+        params["epsilon"] = 0.1
+    if method.startswith("dppa"):
+        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]],
+                  "alphas": [1.8, 1.0]}
+    ref = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="reference", **params)
+    got = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend=backend, **params)
+    assert got.dtype == base.dtype
+    _ulp_close(got, ref, dtype)
+
+
+def test_merge_without_base_and_out_dtype(backend):
+    _, deltas = family((100,), 2, torch.bfloat16)
+    got = dk.merge_deltas(deltas, None, method="ties", density=0.5, out_dtype=torch.float32, backend=backend)
+    ref = dk.merge_deltas(deltas, None, method="ties", density=0.5, out_dtype=torch.float32, backend="reference")
+    assert got.dtype == torch.float32
+    _ulp_close(got, ref, torch.float32)
+
+
+def test_dp_densities_from_deltas_equals_from_histograms():
+    _, deltas = family((16, 16), 6, torch.bfloat16, sigma=2e-3)
+    names = [f"model.layers.{i // 2}.mlp.{'up' if i % 2 else 'down'}_proj.weight" for i in range(6)]
+    stats = dict(zip(names, deltas))
+    a = dk.dp_densities(stats, densities=(0.3,))
+    b = dk.dp_densities({n: dk.tensor_histogram(t) for n, t in stats.items()}, densities=(0.3,))
+    assert a.densities == b.densities and len(a.densities) == 6
+
+
+def test_inputs_are_not_modified(backend):
+    base, deltas = family((64, 64), 3, torch.bfloat16)
+    copies = [d.clone() for d in deltas], base.clone()
+    dk.merge_deltas(deltas, base, method="dare_ties", density=0.3, backend=backend)
+    dk.prune(deltas[0], "magnitude", density=0.3, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(deltas, copies[0])) and torch.equal(base, copies[1])
+
+
+def test_non_contiguous_and_empty_inputs(backend):
+    x = realistic_delta((64, 32), torch.float32).t()
+    assert torch.equal(dk.prune(x, "magnitude", density=0.3, backend=backend),
+                       dk.prune(x.contiguous(), "magnitude", density=0.3, backend="reference"))
+    e = torch.empty(0, 8)
+    assert dk.prune(e, "magnitude", density=0.5, backend=backend).shape == (0, 8)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda x: dk.prune(x, "magnitude", density=1.5), ValueError, "density must be in [0, 1], got 1.5"),
+    (lambda x: dk.prune(x, "magnitude", density=-0.1), ValueError, "got -0.1"),
+    (lambda x: dk.prune(x.to(torch.int32), "magnitude", density=0.5), TypeError, "torch.int32"),
+    (lambda x: dk.prune(x, "nope", density=0.5), ValueError, "'nope'"),
+    (lambda x: dk.prune(x, "magnitude", density=0.5, colour=1), ValueError, "colour"),
+    (lambda x: dk.prune(x, "magnitude", density=0.5, tie_mode="lt"), ValueError, "'lt'"),
+    (lambda x: dk.prune(x, "bands", densities=(0.2, 0.1), alphas=(1, 1)), ValueError, "non-decreasing"),
+    (lambda x: dk.prune(x, "bands", densities=(0.1, 0.2), alphas=(1, -1)), ValueError, ">= 0"),
+    (lambda x: dk.prune(x, "della", density=0.1, epsilon=0.2), ValueError, "epsilon"),
+    (lambda x: dk.merge_deltas([x, x[:, :3]], x, method="ties"), ValueError, "deltas[1] has shape (8, 3)"),
+    (lambda x: dk.merge_deltas([x, x.double()], x), TypeError, "deltas[1] has dtype torch.float64"),
+    (lambda x: dk.merge_deltas([x], x[:2]), ValueError, "base has shape (2, 8)"),
+    (lambda x: dk.merge_deltas([x], x, method="slerp"), ValueError, "unknown method 'slerp'"),
+    (lambda x: dk.merge_deltas([x], x, method="ties", densty=0.2), ValueError, "densty"),
+    (lambda x: dk.merge_deltas([x, x], x, method="ties", density=[0.1]), ValueError, "density has 1 values"),
+    (lambda x: dk.magnitude_threshold(x, 0.5, backend="gpu"), ValueError, "'gpu'"),
+    (lambda x: dk.magnitude_threshold(x, 0.5, partition="block"), ValueError, "block_size"),
+    (lambda x: dk.prune(x.double(), "magnitude", density=0.5, backend="torch"), TypeError, "float64"),
+])
+def test_bad_input_errors_name_the_argument(call, exc, words):
+    x = realistic_delta((8, 8), torch.float32)
+    with pytest.raises(exc) as info:
+        call(x)
+    assert words in str(info.value)
+
+
+def test_nan_inf_rejected_by_default_and_allowed_on_request():
+    x = realistic_delta((16,), torch.float32)
+    x[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        dk.prune(x, "magnitude", density=0.5)
+    with pytest.raises(ValueError, match=r"deltas\[1\] contains 1 NaN/Inf"):
+        dk.merge_deltas([x.nan_to_num(), x], None, method="task_arithmetic")
+    y = x.nan_to_num(posinf=1.0)
+    y[5] = float("inf")
+    out = dk.prune(y, "magnitude", density=0.5, check_finite=False, backend="reference")
+    assert torch.isinf(out[5])
+
+
+def test_forced_unavailable_backend_raises_with_reason():
+    ok, why = availability()["cuda"]
+    if ok:
+        pytest.skip("a CUDA backend is available here")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        dk.prune(torch.ones(4), "magnitude", density=0.5, backend="cuda")
