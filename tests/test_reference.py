@@ -212,3 +212,52 @@ def test_della_probabilities_range_and_breadcrumbs_window():
     assert p.min().item() == pytest.approx(0.3) and p.max().item() == pytest.approx(0.5)
     assert R.breadcrumbs_window(1000, 0.2, 0.01) == (10, 200)
     assert R.breadcrumbs_window(1000, 0.995, 0.01) == (5, 995)  # outlier removal reduced
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), layers=st.integers(1, 5), units=st.integers(1, 4),
+       level=st.floats(0.25, 0.75), lam=st.floats(0.0, 0.12))
+def test_property_dp_weighted_density_is_exact_for_equal_layers(seed, layers, units, level, lam):
+    g = torch.Generator().manual_seed(seed)
+    hists, lay = {}, {}
+    sizes = [int(s) for s in torch.randint(20, 200, (units,), generator=g)]  # same units in every layer
+    for li in range(layers):
+        for u in range(units):
+            x = torch.randn(sizes[u], generator=g) * 0.01
+            x[torch.rand(sizes[u], generator=g) < 0.05] *= 30
+            name = f"model.layers.{li}.mlp.w{u}.weight"
+            hists[name], lay[name] = R.histogram_ref(x), li
+    a = R.dp_allocate(hists, lay, (level,), offset_lambda=lam)
+    assert not a.clamped  # |ℓ| + |u| ≤ 2λ < level
+    n = {k: int(h.sum()) for k, h in hists.items()}
+    mean = sum(a.densities[k][0] * n[k] for k in n) / sum(n.values())
+    assert mean == pytest.approx(level, abs=1e-12)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), ds=st.lists(st.floats(0, 1), min_size=1, max_size=4),
+       tie_mode=st.sampled_from(["gt", "ge", "exact_k"]))
+def test_property_bands_are_nested(seed, ds, tie_mode):
+    ds = sorted(ds)
+    x = quantised_delta((257,), levels=9, seed=seed)
+    masks = [R.magnitude_mask_ref(x, d, tie_mode=tie_mode) for d in ds]
+    for a, b in zip(masks, masks[1:]):
+        assert bool((a <= b).all())
+    codes = R.band_codes_ref(x, ds, tie_mode=tie_mode)
+    assert torch.equal(codes > 0, masks[-1])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), m=st.integers(1, 5), density=st.floats(0.05, 1.0),
+       elect=st.sampled_from(["weighted_sum", "count"]))
+def test_property_ties_sign_agrees_with_election(seed, m, density, elect):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(300, generator=g, dtype=torch.float64) for _ in range(m)]
+    w = (torch.rand(m, generator=g, dtype=torch.float64) + 0.1).tolist()
+    spec = SparsifySpec("magnitude", density=density)
+    out = R.merge_ref(deltas, None, [spec] * m, w, CombineSpec("ties", elect=elect, normalize=True))
+    vals = torch.stack([R.sparsify_ref(d, spec) for d in deltas]) * torch.tensor(w, dtype=torch.float64).unsqueeze(1)
+    vote = vals.sign().sum(0) if elect == "count" else vals.sum(0)
+    elected = torch.where(vote >= 0, 1.0, -1.0).to(torch.float64)
+    nz = out != 0
+    assert bool((out[nz].sign() == elected[nz]).all())
