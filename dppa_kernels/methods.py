@@ -125,3 +125,24 @@ def preset(method: str, n_models: int, params: Mapping[str, Any]) -> tuple[list,
 
 def method_names() -> Sequence[str]:
     return tuple(METHODS)
+
+
+NONUNIT_MODES = ("dense", "official", "base", "prune")
+
+
+def nonunit_spec(nonunit_mode: str, unit_spec: SparsifySpec, levels: Sequence[float]) -> SparsifySpec:
+    """How DPPA treats a non-unit tensor (embeddings, lm_head, norms, biases; DPPA.md §3.3, §7).
+
+    ``dense``: Δ × 1 (default); ``official``: Δ × max α (what the official code does to every
+    key); ``base``: Δ dropped; ``prune``: the unit's bands at the uniform levels (no DP offsets),
+    same tie rule and factors.
+    """
+    if nonunit_mode == "dense":
+        return SparsifySpec("none")
+    if nonunit_mode == "official":
+        return SparsifySpec("bands", densities=(1.0,), alphas=(max(unit_spec.alphas or (1.0,)),))
+    if nonunit_mode == "base":
+        return SparsifySpec("magnitude", density=0.0)
+    if nonunit_mode == "prune":
+        return unit_spec.with_(densities=tuple(float(x) for x in levels))
+    raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit_mode!r}")
