@@ -127,9 +127,11 @@ def _extensions_and_cmdclass():
         has_cuda_sources = any((ROOT / "csrc" / "cuda").glob("*.cu"))
         if SKIP_CUDA:
             info["cuda"] = "skipped: DPPA_SKIP_CUDA_BUILD=1"
+        elif not (ok or FORCE_CUDA):
+            info["cuda"] = f"skipped: {why}"
         elif not has_cuda_sources:
             info["cuda"] = "skipped: no CUDA sources"
-        elif ok or FORCE_CUDA:
+        else:
             from torch.utils.cpp_extension import BuildExtension
 
             exts.append(cuda_extension())
@@ -142,8 +144,6 @@ def _extensions_and_cmdclass():
                 info["torch_cuda"] = torch.version.cuda
             except Exception:
                 pass
-        else:
-            info["cuda"] = f"skipped: {why}"
     print(f"dppa-kernels: CPU extension: {info['cpu']}; CUDA extension: {info['cuda']}")
     (ROOT / "dppa_kernels" / "_build_info.json").write_text(json.dumps(info, indent=1))
     return exts, cmdclass
