@@ -1,0 +1,285 @@
+"""mergekit backend: our kernels behind mergekit's merge-method names, plus ``dppa``/``dppa_ties``.
+
+One line from Python (the same as ``dppa-mergekit-yaml config.yml OUT``)::
+
+    from dppa_kernels.integrations.mergekit import run_merge
+    run_merge(config, "OUT", options)  # a drop-in for mergekit.merge.run_merge
+
+or, to keep calling mergekit yourself::
+
+    from dppa_kernels.integrations import mergekit as dk
+    dk.install()                      # idempotent; dk.uninstall() restores mergekit exactly
+    dk.prepare_dppa(config, options)  # only for merge_method dppa / dppa_ties
+    mergekit.merge.run_merge(config, "OUT", options)
+
+Hook (mergekit 0.1.5 API, detected by feature: ``mergekit.merge_methods.register``):
+
+* ``install(override=True)`` replaces, in mergekit's method registry, each
+  ``GeneralizedTaskArithmeticMerge`` entry (task_arithmetic, ties, dare_ties, dare_linear,
+  breadcrumbs, breadcrumbs_ties, della, della_linear) by an instance of a subclass built from the
+  **same field values**: the parameter spec, defaults and name are mergekit's own, only
+  ``merge_group`` runs our fused kernel. mergekit has no public "replace", so the swap writes its
+  registry dict; ``uninstall()`` puts the original objects back. ``override=False`` leaves those
+  names alone and registers ``<name>_fast`` twins instead, through the public ``register()``.
+* ``dppa`` and ``dppa_ties`` are registered through ``register()`` in both modes.
+
+Semantics are mergekit 0.1.5's (PEERS.md §1.4–§1.6), except where mergekit rounds: we compute in
+fp32 and round once to the base dtype (mergekit rounds the weighted deltas, the sum and the
+weights to the working dtype; in fp32 the results are identical). Magnitude ties at the cut are
+broken by index instead of by sort order. DARE/DELLA draw from our counter-hash RNG keyed by
+(seed, tensor name, model index), so they match mergekit only statistically but are reproducible
+across task orders, devices and ``--multi-gpu``; the seed is ``install(seed=...)``, which
+``dppa-mergekit-yaml`` sets from ``--random-seed`` (default 0). Inputs of a dtype our kernels do
+not take (fp64) and groups without a base go to mergekit's own code.
+
+Devices: tensors arrive on mergekit's math device (``--cuda``, ``--read-to-gpu``,
+``--low-cpu-memory``, possibly as non-contiguous views); our ops pick the backend by device and
+never modify inputs. ``--multi-gpu`` runs one thread per GPU: the methods keep no mutable state
+during a merge (the DPPA table is read-only), so they are thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Optional
+
+import torch
+
+from ..methods import METHODS, preset
+from ..ops import merge_deltas
+from ._deps import require
+from .mergekit_dppa import DPPATable, active_table, dppa_spec_params, prepare_dppa, set_dppa_table
+
+__all__ = ["install", "uninstall", "is_installed", "installed", "run_merge", "prepare_dppa",
+           "set_dppa_table", "DPPATable", "GTA_NAMES"]
+
+GTA_NAMES = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+             "della", "della_linear")
+_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_SPARSIFIERS = {None: "none", "magnitude": "magnitude", "random": "dare",
+                "magnitude_outliers": "breadcrumbs", "della_magprune": "della"}
+
+_lock = threading.RLock()
+_state: dict = {"installed": False, "replaced": {}, "added": [], "backend": "auto", "seed": 0}
+
+
+def _mergekit():
+    mk = require("mergekit", "mergekit", "dppa_kernels.integrations.mergekit")
+    mm = require("mergekit.merge_methods", "mergekit", "dppa_kernels.integrations.mergekit")
+    if not hasattr(mm, "register") or not hasattr(mm, "GroupMergeMethod"):
+        raise ImportError("dppa_kernels.integrations.mergekit needs mergekit >= 0.1.5 (the "
+                          "merge_methods.register API); pip install -U 'mergekit>=0.1.5'")
+    return mk, mm
+
+
+def _registry():
+    _mergekit()
+    from mergekit.merge_methods import registry
+
+    return registry
+
+
+def _preset_name(sparsifier: str) -> str:
+    """A preset with this sparsifier (its combine is replaced by the caller's)."""
+    return next(n for n, (sp, *_) in METHODS.items() if sp == sparsifier and n != "linear")
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device):
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _build_classes():
+    """Subclasses of mergekit's classes, created on first use (mergekit is optional)."""
+    if "classes" in _state:
+        return _state["classes"]
+    _, mm = _mergekit()
+    from mergekit.merge_methods.base import (BasePolicy, InputContract, MergeMethodSpec,
+                                             ParameterScope, ParameterSpec)
+
+    class FastGeneralizedTaskArithmeticMerge(mm.GeneralizedTaskArithmeticMerge):
+        """mergekit's GTA method (same fields, same spec) with a fused merge_group."""
+
+        def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+            base, entries = group.base, group.non_base
+            if base is None or not entries or base.tensor.dtype not in _FAST_DTYPES \
+                    or any(e.tensor.dtype != base.tensor.dtype for e in entries):
+                return super().merge_group(group, **parameters)
+            sp = self.sparsification_method
+            sparsifier = _SPARSIFIERS[None if sp is None else getattr(sp, "value", sp)]
+            consensus = self.consensus_method
+            m = len(entries)
+            p = {"weight": [parameters["weight"][e.id] for e in entries],
+                 "density": [_density(parameters["density"][e.id], sparsifier) for e in entries],
+                 "normalize": bool(parameters["normalize"]), "rescale": bool(parameters["rescale"]),
+                 "lambda": float(parameters["lambda"])}
+            for key in ("gamma", "epsilon"):
+                if key in parameters:
+                    p[key] = [float(parameters[key][e.id]) for e in entries]
+            if sparsifier == "della":
+                _check_della(p["density"], p["epsilon"])
+            if consensus is not None:
+                p["elect"] = "count" if getattr(consensus, "value", consensus) == "count" else "weighted_sum"
+            weights, specs, combine = preset(_preset_name(sparsifier), m, p)
+            combine = dataclasses.replace(combine, combine="ties" if consensus is not None else "sum")
+            return _merge(group, specs, weights, combine)
+
+    class DPPAMerge(mm.GroupMergeMethod):
+        """DPPA (bands with per-unit DP densities from the pre-pass table) inside mergekit."""
+
+        def __init__(self, name: str):
+            self.method_name = name
+            self.spec = MergeMethodSpec(
+                name=name,
+                pretty_name="DPPA" + (" + TIES" if name == "dppa_ties" else ""),
+                reference_url="https://arxiv.org/abs/2403.10799",
+                parameters=(
+                    ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
+                    ParameterSpec("normalize", bool, ParameterScope.SHARED,
+                                  default=METHODS[name][2]),
+                    ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
+                    *dppa_spec_params(ParameterSpec, ParameterScope),
+                ),
+                contract=InputContract(base=BasePolicy.REQUIRED),
+            )
+
+        def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+            base, entries = group.base.tensor, group.non_base
+            if not entries:
+                return base
+            table = active_table(self.method_name)
+            name = group.metadata.name or ""
+            models = [str(e.id) for e in entries]
+            weights = [float(parameters["weight"][e.id]) for e in entries]
+            specs, combine = table.specs(name, models, tuple(base.shape), normalize=parameters["normalize"],
+                                         lam=parameters["lambda"])
+            return _merge(group, specs, weights, combine)
+
+    _state["classes"] = (FastGeneralizedTaskArithmeticMerge, DPPAMerge)
+    return _state["classes"]
+
+
+def _density(d: float, sparsifier: str) -> float:
+    d = float(d)
+    # mergekit: density >= 1 keeps everything and (magnitude) <= 0 keeps nothing
+    return min(max(d, 0.0), 1.0) if sparsifier in ("magnitude", "breadcrumbs", "none") else min(d, 1.0)
+
+
+def _check_della(densities, epsilons) -> None:
+    for d, e in zip(densities, epsilons):
+        if 0.0 < d < 1.0 and (d + e >= 1 or d - e <= 0):
+            raise ValueError("Epsilon must be chosen such that density +/- epsilon is in (0, 1); "
+                             f"got density={d}, epsilon={e}")
+
+
+def _merge(group, specs, weights, combine) -> torch.Tensor:
+    base = group.base.tensor
+    # Δ in the working dtype, exactly as mergekit forms it (entries are already dtype-aligned)
+    deltas = [e.tensor - base for e in group.non_base]
+    with _no_autocast(base.device):
+        return merge_deltas(deltas, base, specs=specs, weights=weights, combine=combine,
+                            seed=int(_state["seed"]), name=group.metadata.name or "",
+                            out_dtype=base.dtype, check_finite=False, backend=_state["backend"])
+
+
+def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> None:
+    """Install the backend into mergekit (idempotent; a second call updates backend and seed).
+
+    override=True: mergekit's GTA names run our kernels. override=False: they stay mergekit's and
+    ``<name>_fast`` twins are added. ``dppa`` and ``dppa_ties`` are added in both modes.
+    """
+    with _lock:
+        _state["backend"], _state["seed"] = backend, int(seed)
+        if _state["installed"]:
+            if _state["override"] == override:
+                return
+            uninstall()
+            _state["backend"], _state["seed"] = backend, int(seed)
+        fast_cls, dppa_cls = _build_classes()
+        reg = _registry()
+        _, mm = _mergekit()
+        replaced, added = {}, []
+        try:
+            for name in GTA_NAMES:
+                orig = reg._METHODS.get(name)
+                if not isinstance(orig, mm.GeneralizedTaskArithmeticMerge):
+                    continue  # absent or already replaced by someone else: leave it alone
+                fields = {f.name: getattr(orig, f.name) for f in dataclasses.fields(orig)}
+                if override:
+                    reg._METHODS[name] = fast_cls(**fields)
+                    replaced[name] = orig
+                else:
+                    fields["method_name"] = name + "_fast"
+                    mm.register(fast_cls(**fields))
+                    added.append(name + "_fast")
+            for name in ("dppa", "dppa_ties"):
+                mm.register(dppa_cls(name))
+                added.append(name)
+        except Exception:
+            _restore(reg, replaced, added)
+            raise
+        _state.update(installed=True, override=override, replaced=replaced, added=added)
+
+
+def _restore(reg, replaced: dict, added: list) -> None:
+    for name in added:
+        reg._METHODS.pop(name, None)
+    for name, orig in replaced.items():
+        reg._METHODS[name] = orig
+
+
+def uninstall() -> None:
+    """Restore mergekit's registry exactly (same objects, same order); a no-op if not installed."""
+    with _lock:
+        if not _state["installed"]:
+            return
+        _restore(_registry(), _state["replaced"], _state["added"])
+        _state.update(installed=False, replaced={}, added=[])
+
+
+def is_installed() -> bool:
+    return bool(_state["installed"])
+
+
+@contextlib.contextmanager
+def installed(override: bool = True, *, backend: str = "auto", seed: int = 0):
+    """``with installed(): ...`` installs for the block, then restores the previous state."""
+    with _lock:
+        was = (_state["installed"], _state.get("override"), _state["backend"], _state["seed"])
+        install(override, backend=backend, seed=seed)
+    try:
+        yield
+    finally:
+        with _lock:
+            if was[0]:
+                install(was[1], backend=was[2], seed=was[3])
+            else:
+                uninstall()
+
+
+def run_merge(merge_config, out_path: str, options=None, config_source: Optional[str] = None, *,
+              override: bool = True, backend: str = "auto", seed: Optional[int] = None) -> None:
+    """``mergekit.merge.run_merge`` with our backend installed for the call (and the DPPA
+    statistics pre-pass run first when ``merge_method`` is dppa / dppa_ties).
+
+    ``seed`` defaults to ``options.random_seed``, else 0.
+    """
+    _mergekit()
+    from mergekit.merge import run_merge as mk_run_merge
+    from mergekit.options import MergeOptions
+
+    options = options or MergeOptions()
+    if seed is None:
+        seed = options.random_seed if options.random_seed is not None else 0
+    with installed(override, backend=backend, seed=seed):
+        table = None
+        if merge_config.merge_method in ("dppa", "dppa_ties"):
+            table = prepare_dppa(merge_config, options, backend=backend)
+        try:
+            mk_run_merge(merge_config, out_path, options=options, config_source=config_source)
+        finally:
+            if table is not None:
+                set_dppa_table(None)

@@ -1,0 +1,214 @@
+"""DPPA inside mergekit: the statistics pre-pass and the per-(model, tensor) lookup table.
+
+mergekit merges one tensor at a time, but DP densities depend on whole-model statistics
+(DPPA.md §4). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
+model named in the config once, before mergekit plans the merge, and stores the DP densities of
+every (model, unit tensor); the ``dppa`` / ``dppa_ties`` methods look them up by tensor name.
+
+Cost: one extra streaming read of the unit tensors of base + M models ((M + 1)·N·b bytes for N
+unit parameters of b bytes; the merge itself reads the same again) plus one 32768-bin histogram
+per unit and model; memory is one model's histograms at a time (256 KiB per unit) and a few
+floats per (model, unit) in the table.
+
+Config keys (the CLI's): per model or global ``densities`` (one per level) and ``alphas`` (one
+per band); global ``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``,
+``density_clamp``, ``tie_mode``, ``count_rule``, ``band_combine``, ``stats_dtype``,
+``nonunit_mode`` (``dense``: Δ × 1, or ``base``: Δ dropped), ``unit_pattern``, ``layer_pattern``,
+``compat``. They must be plain values (no per-tensor filters or layer gradients: mergekit would
+read a list as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
+parameters. Only ``models:`` configs are supported (slices may map a tensor to another layer).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..methods import DPPA_DEFAULTS, preset
+from ..reference.naming import unit_layer
+from ..spec import CombineSpec, SparsifySpec
+from . import dppa_stats
+
+LOG = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+_DP_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat")
+_SPEC_KEYS = ("tie_mode", "count_rule", "band_combine", "stats_dtype")
+_OTHER_KEYS = ("nonunit_mode", "unit_pattern", "layer_pattern")
+_PER_MODEL_KEYS = ("densities", "alphas")
+NONUNIT_MODES = ("dense", "base")
+
+_lock = threading.Lock()
+_active: dict = {"table": None}
+
+
+@dataclass
+class DPPATable:
+    """DP densities per (model, unit tensor) plus the band settings, read by the merge methods."""
+
+    densities: dict = field(default_factory=dict)  # (model key, tensor name) -> levels
+    alphas: dict = field(default_factory=dict)  # model key -> band factors
+    settings: dict = field(default_factory=dict)  # tie_mode, count_rule, band_combine, stats_dtype
+    nonunit_mode: str = "dense"
+    units: dict = field(default_factory=dict)  # unit tensor name -> layer
+    patterns: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # seconds, bytes_read
+    method_for_combine: str = "dppa"  # dppa (sum) or dppa_ties
+
+    def specs(self, name: str, models: list, shape: tuple, *, normalize: bool, lam: float):
+        """(specs, combine) for tensor ``name`` merged from ``models`` (model keys)."""
+        m = len(models)
+        params = {"normalize": bool(normalize), "lambda": float(lam), **self.settings}
+        if name in self.units:
+            missing = [k for k in models if (k, name) not in self.densities]
+            if missing:
+                raise KeyError(f"DPPA table has no densities for {name!r} of {missing}: the "
+                               "statistics pre-pass ran on another config")
+            params["densities"] = [tuple(self.densities[(k, name)]) for k in models]
+            params["alphas"] = [tuple(self.alphas[k]) for k in models]
+            _, specs, combine = preset(self.method_for_combine, m, params)
+            return specs, combine
+        if unit_layer(name, shape, **self.patterns) is not None:
+            raise KeyError(f"{name!r} is a DPPA unit by its name but was not seen by the statistics "
+                           "pre-pass (tensor names differ between mergekit and the checkpoint?)")
+        combine = CombineSpec(combine="ties" if self.method_for_combine == "dppa_ties" else "sum",
+                              normalize=bool(normalize), lam=float(lam))
+        if self.nonunit_mode == "base":
+            return [SparsifySpec("magnitude", density=0.0)] * m, combine
+        return [SparsifySpec("none")] * m, combine
+
+
+def dppa_spec_params(ParameterSpec, ParameterScope) -> tuple:
+    """mergekit ParameterSpecs of the scalar DPPA settings (declared so mergekit validates them;
+    the values used are the pre-pass's, read from the same config)."""
+    shared = ParameterScope.SHARED
+    return (
+        ParameterSpec("offset_lambda", float, shared, default=0.08),
+        ParameterSpec("outlier_mult_layer", float, shared, default=3.0),
+        ParameterSpec("outlier_mult_unit", float, shared, default=5.0),
+        ParameterSpec("tie_mode", str, shared, default=DPPA_DEFAULTS["tie_mode"]),
+        ParameterSpec("count_rule", str, shared, default=DPPA_DEFAULTS["count_rule"]),
+        ParameterSpec("band_combine", str, shared, default=DPPA_DEFAULTS["band_combine"]),
+        ParameterSpec("stats_dtype", str, shared, default=DPPA_DEFAULTS["stats_dtype"]),
+        ParameterSpec("nonunit_mode", str, shared, default="dense"),
+    )
+
+
+def set_dppa_table(table: Optional[DPPATable]) -> None:
+    """Make ``table`` the one the dppa methods read (None clears it)."""
+    with _lock:
+        _active["table"] = table
+
+
+def active_table(method: str) -> DPPATable:
+    table = _active["table"]
+    if table is None:
+        raise RuntimeError(
+            f"merge method {method!r} inside mergekit needs the DPPA statistics pre-pass: run "
+            "dppa-mergekit-yaml, or dppa_kernels.integrations.mergekit.run_merge, or call "
+            "dppa_kernels.integrations.mergekit.prepare_dppa(config, options) before run_merge")
+    if table.method_for_combine != method:
+        raise RuntimeError(f"the active DPPA table was prepared for {table.method_for_combine!r}, "
+                           f"not {method!r}")
+    return table
+
+
+def _plain(value: Any, key: str) -> Any:
+    """A config value as plain Python (scalar or list of scalars), else a clear error."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    raise ValueError(f"DPPA parameter {key!r} must be a plain value or list inside mergekit (no "
+                     f"filters or per-tensor conditions), got {value!r}")
+
+
+def _settings(params: Optional[dict], keys) -> dict:
+    params = params or {}
+    if "density" in params:
+        raise ValueError("dppa takes 'densities' (a list, one density per level), not 'density'")
+    return {k: _plain(params[k], k) for k in keys if k in params}
+
+
+def _local_dir(ref, options) -> str:
+    merged = ref.merged(cache_dir=getattr(options, "lora_merge_cache", None),
+                        trust_remote_code=getattr(options, "trust_remote_code", False),
+                        lora_merge_dtype=getattr(options, "lora_merge_dtype", None))
+    return merged.local_path(cache_dir=getattr(options, "transformers_cache", None))
+
+
+def _stats_device(options) -> str:
+    dev = getattr(options, "device", None)
+    if getattr(options, "cuda", False) or dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return dev or "cpu"
+
+
+def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate: bool = True) -> DPPATable:
+    """Run the DPPA statistics pre-pass for a mergekit ``MergeConfiguration`` (merge_method
+    ``dppa`` or ``dppa_ties``) and, with ``activate``, make the table the active one."""
+    method = merge_config.merge_method
+    if method not in ("dppa", "dppa_ties"):
+        raise ValueError(f"prepare_dppa is for merge_method dppa / dppa_ties, got {method!r}")
+    if not merge_config.models or merge_config.slices or merge_config.modules:
+        raise ValueError("dppa inside mergekit supports 'models:' configs only (slices and modules "
+                         "may map a tensor to another layer, which breaks per-tensor statistics)")
+    if merge_config.base_model is None:
+        raise ValueError("dppa needs a base_model")
+    t0 = time.perf_counter()
+    glob = _settings(merge_config.parameters, _DP_KEYS + _SPEC_KEYS + _OTHER_KEYS + _PER_MODEL_KEYS)
+    settings = {k: glob.get(k, DPPA_DEFAULTS.get(k)) for k in _SPEC_KEYS}
+    if settings["stats_dtype"] not in _DTYPES:
+        raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
+    nonunit = glob.get("nonunit_mode", "dense")
+    if nonunit not in NONUNIT_MODES:
+        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES} inside mergekit, got {nonunit!r}")
+    patterns = {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
+    dp = {k: glob[k] for k in _DP_KEYS if k in glob}
+    if "density_clamp" in dp:
+        dp["density_clamp"] = tuple(dp["density_clamp"])
+    stats_dtype = _DTYPES[settings["stats_dtype"]]
+    device = _stats_device(options)
+    base_ref = merge_config.base_model
+    base_dir = _local_dir(base_ref, options)
+    layers = dppa_stats.unit_layers(base_dir, **patterns)
+    if not layers:
+        raise ValueError(f"no DPPA unit tensors found in {base_dir!r}; set unit_pattern / layer_pattern")
+    from mergekit.common import dtype_from_name
+
+    model_dirs = {str(m.model): _local_dir(m.model, options) for m in merge_config.models
+                  if m.model != base_ref}
+    # Δ in the dtype mergekit will merge in: the config's dtype, else the promoted input dtype
+    dtype = dtype_from_name(merge_config.dtype) if merge_config.dtype else \
+        dppa_stats.promoted_dtypes([base_dir, *model_dirs.values()], layers)
+    table = DPPATable(settings=settings, nonunit_mode=nonunit, units=dict(layers), patterns=patterns,
+                      method_for_combine=method)
+    nbytes = 0
+    for model_in in merge_config.models:
+        ref = model_in.model
+        if ref == base_ref:
+            continue
+        local = _settings(model_in.parameters, _PER_MODEL_KEYS)
+        levels = tuple(float(x) for x in local.get("densities", glob.get("densities", DPPA_DEFAULTS["densities"])))
+        alphas = tuple(float(x) for x in local.get("alphas", glob.get("alphas", DPPA_DEFAULTS["alphas"])))
+        if len(alphas) != len(levels):
+            raise ValueError(f"{ref}: alphas {alphas} must have one factor per density level {levels}")
+        model_dir = model_dirs[str(ref)]
+        alloc = dppa_stats.model_allocation(base_dir, model_dir, levels=levels, layers=layers, dtype=dtype,
+                                            stats_dtype=stats_dtype, device=device, backend=backend, **dp)
+        for name in layers:
+            table.densities[(str(ref), name)] = tuple(float(d) for d in alloc.densities[name])
+        table.alphas[str(ref)] = alphas
+        nbytes += dppa_stats.unit_bytes(base_dir, layers) + dppa_stats.unit_bytes(model_dir, layers)
+    table.cost = {"seconds": time.perf_counter() - t0, "bytes_read": nbytes, "units": len(layers)}
+    LOG.info("DPPA statistics pre-pass: %d units x %d models, %.1f MB read, %.2f s", len(layers),
+             len(table.alphas), nbytes / 1e6, table.cost["seconds"])
+    if activate:
+        set_dppa_table(table)
+    return table
