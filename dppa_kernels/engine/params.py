@@ -1,0 +1,159 @@
+"""Per-tensor parameter values from a mergekit config: precedence, gradients and filters.
+
+Precedence: per model > global > method default. A list of numbers is a gradient interpolated
+over layer depth (t = layer / (L − 1) for block tensors, t = 0 elsewhere, as mergekit's planner
+does for a ``models:`` config); a list of ``{filter, value}`` picks the first condition whose
+filter is a substring of the tensor name (``*`` or no filter matches all). Lists that are values
+by nature (``densities``, ``alphas``, ``density_clamp``) are never gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
+from .errors import MergeError
+
+BOOL_KEYS = ("normalize", "int8_mask")
+UNIT_INTERVAL = ("density", "sparsity", "gamma", "epsilon")
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+def evaluate(setting: Any, name: str, t: float, literal_list: bool = False) -> Any:
+    """mergekit's ``evaluate_setting`` for one tensor (None when no condition matches)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if setting is None or _scalar(setting):
+        return setting
+    if all(isinstance(c, dict) for c in setting):
+        for cond in setting:
+            f = cond.get("filter")
+            if f is None or f == "*" or (name and str(f) in name):
+                return evaluate(cond["value"], name, t, literal_list)
+        return None
+    if literal_list:
+        return list(setting)
+    if not setting:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def depth_t(layer: Optional[int], n_layers: int) -> float:
+    if layer is None:
+        return 0.0
+    return layer / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def _check_value(key: str, v: Any, where: str) -> Any:
+    if key in BOOL_KEYS and not isinstance(v, bool):
+        raise MergeError(f"{where}: {key} must be true or false, got {v!r}")
+    if key in UNIT_INTERVAL or key in ("weight", "lambda", "offset_lambda", "outlier_mult_layer",
+                                       "outlier_mult_unit"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MergeError(f"{where}: {key} must be a finite number, got {v!r}")
+        if key in UNIT_INTERVAL and not 0.0 <= v <= 1.0:
+            raise MergeError(f"{where}: {key} = {v} is outside [0, 1]")
+        return float(v)
+    if key in ("densities", "alphas", "density_clamp"):
+        if not isinstance(v, list) or not v or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise MergeError(f"{where}: {key} must be a non-empty list of numbers, got {v!r}")
+        if key == "densities" and any(not 0.0 <= x <= 1.0 for x in v):
+            raise MergeError(f"{where}: densities {v} has a value outside [0, 1]")
+        return [float(x) for x in v]
+    return v
+
+
+class ParamResolver:
+    """Resolves every parameter of ``cfg`` for one tensor (name, layer) at a time."""
+
+    def __init__(self, cfg: MergeConfig, n_layers: int):
+        self.cfg = cfg
+        self.method = cfg.merge_method
+        self.n_layers = n_layers
+        self.glob = dict(cfg.parameters or {})
+        self.models = [dict(m.parameters or {}) for m in cfg.models]
+
+    def _eval(self, key: str, setting: Any, name: str, t: float, where: str) -> Any:
+        v = evaluate(setting, name, t, literal_list=key in LIST_VALUED)
+        return None if v is None else _check_value(key, v, where)
+
+    def per_model(self, key: str, name: str, layer: Optional[int]) -> list:
+        """One value per model (None where neither the model nor the global parameters set it)."""
+        t = depth_t(layer, self.n_layers)
+        out = []
+        for i, mp in enumerate(self.models):
+            where = f"model {self.cfg.models[i].model!r}, tensor {name!r}"
+            v = self._eval(key, mp[key], name, t, where) if key in mp else None
+            if v is None and key in self.glob:
+                v = self._eval(key, self.glob[key], name, t, where)
+            out.append(v)
+        return out
+
+    def global_value(self, key: str, name: str, layer: Optional[int]) -> Any:
+        if key not in self.glob:
+            return None
+        return self._eval(key, self.glob[key], name, depth_t(layer, self.n_layers), f"tensor {name!r}")
+
+    def for_tensor(self, name: str, layer: Optional[int]) -> tuple[dict, dict]:
+        """(parameters for ``methods.preset``, DPPA allocation parameters) of one tensor."""
+        merge, dppa = {}, {}
+        for key in per_model_keys(self.method):
+            vals = self.per_model(key, name, layer)
+            if key in ("densities", "sparsity") or all(v is None for v in vals):
+                continue
+            if key == "density" and is_dppa(self.method):
+                continue
+            if any(v is None for v in vals):
+                default = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}.get(key)
+                if default is not None:  # alphas: the DPPA engine fills them per model's levels
+                    vals = [default if v is None else v for v in vals]
+            merge[key] = vals
+        for key in global_only_keys(self.method):
+            v = self.global_value(key, name, layer)
+            if v is None:
+                continue
+            (dppa if key in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp",
+                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern") else merge)[key] = v
+        return merge, dppa
+
+    def dp_levels(self) -> list[list[float]]:
+        """The DP density levels of each model (from densities, density or sparsity)."""
+        out = []
+        for i, mp in enumerate(self.models):
+            label = self.cfg.models[i].model
+            found = {}
+            for key in ("densities", "density", "sparsity"):
+                src = mp if key in mp else (self.glob if key in self.glob else None)
+                if src is not None:
+                    setting = src[key]
+                    if not (_scalar(setting) or key == "densities"):
+                        raise MergeError(f"model {label!r}: {key} for {self.method} is a whole-model allocation "
+                                         f"level and cannot be a gradient or filter list, got {setting!r}")
+                    found[key] = _check_value(key, evaluate(setting, "", 0.0, key in LIST_VALUED),
+                                              f"model {label!r}")
+            own = [k for k in ("densities", "density", "sparsity") if k in mp]
+            if len(own) > 1:
+                raise MergeError(f"model {label!r}: set only one of densities, density, sparsity (got {own})")
+            key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
+            if key is None:
+                out.append([0.1, 0.2])
+            elif key == "densities":
+                out.append(found[key])
+            elif key == "density":
+                out.append([found[key]])
+            else:
+                out.append([1.0 - found[key]])
+            if any(b < a for a, b in zip(out[-1], out[-1][1:])):
+                raise MergeError(f"model {label!r}: densities {out[-1]} must be non-decreasing so the bands nest")
+        return out

@@ -1,0 +1,158 @@
+"""The merge plan: every output tensor with its inputs checked, parameters resolved and shard fixed.
+
+All checks that do not need tensor values run here, before anything is written: missing keys,
+shape and vocabulary mismatches, parameter ranges, the output shard layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .. import _validate as V
+from ..methods import preset
+from ..reference.naming import DEFAULT_LAYER_PATTERN, DEFAULT_UNIT_PATTERN, group_units
+from .config import MergeConfig, is_dppa
+from .errors import MergeError
+from .params import ParamResolver
+from .source import ModelSource
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output)\.weight$")
+
+
+@dataclass
+class TensorTask:
+    name: str
+    shape: tuple
+    layer: Optional[int]
+    floating: bool
+    work_dtype: torch.dtype
+    out_dtype: torch.dtype
+    unit: bool = False
+    truncate_rows: Optional[int] = None  # fine-tuned vocab rows cut to the base's
+    merge_params: dict = field(default_factory=dict)
+    dppa_params: dict = field(default_factory=dict)
+    shard: int = 0
+
+    @property
+    def out_bytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    cfg: MergeConfig
+    base: ModelSource
+    models: list
+    tasks: list
+    n_shards: int
+    n_layers: int
+    levels: Optional[list] = None  # DPPA: density levels per model
+
+    def shard_tasks(self, i: int) -> list:
+        return [t for t in self.tasks if t.shard == i]
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _n_layers(base: ModelSource, pattern: str) -> int:
+    n = (base.config or {}).get("num_hidden_layers")
+    found = [int(m.group(1)) for m in (re.search(pattern, k) for k in base.tensors) if m]
+    return max(int(n or 0), max(found) + 1 if found else 0)
+
+
+def _vocab_size(src: ModelSource) -> Optional[int]:
+    cfg = src.config or {}
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def _check_inputs(base: ModelSource, models: list, truncate_vocab: bool) -> dict:
+    """{tensor: rows to keep} for vocabulary tensors that are cut; raises on any mismatch."""
+    cuts = {}
+    for m in models:
+        missing = [k for k in base.tensors if k not in m.tensors]
+        if missing:
+            raise MergeError(f"model {m.label!r}: tensor {missing[0]!r} (present in base model {base.label!r}) is "
+                             f"missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [k for k in m.tensors if k not in base.tensors]
+        if extra:
+            raise MergeError(f"model {m.label!r}: tensor {extra[0]!r} is missing from base model {base.label!r}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name, bi in base.tensors.items():
+            mi = m.tensors[name]
+            if mi.shape == bi.shape:
+                continue
+            vocab = (len(bi.shape) == 2 and len(mi.shape) == 2 and mi.shape[1] == bi.shape[1]
+                     and (VOCAB_NAMES.search(name) or mi.shape[0] == _vocab_size(m)))
+            if not vocab:
+                raise MergeError(f"tensor {name!r}: shape {list(mi.shape)} in model {m.label!r} differs from "
+                                 f"{list(bi.shape)} in base model {base.label!r}")
+            if not truncate_vocab or mi.shape[0] < bi.shape[0]:
+                how = ("pass --truncate-vocab to cut the fine-tuned rows to the base's"
+                       if mi.shape[0] > bi.shape[0] else "the fine-tuned model has fewer rows; cannot truncate")
+                raise MergeError(f"vocabulary size mismatch in tensor {name!r}: {mi.shape[0]} rows in model "
+                                 f"{m.label!r}, {bi.shape[0]} in base model {base.label!r}; {how}")
+            cuts[name] = bi.shape[0]
+    return cuts
+
+
+def _check_params(task: TensorTask, method: str, n: int) -> None:
+    p = dict(task.merge_params)
+    if is_dppa(method):
+        p["densities"] = [[0.5] for _ in range(n)]  # real levels come from the allocation
+        p["alphas"] = [[1.0] for _ in range(n)]
+    try:
+        _, specs, combine = preset(method, n, p)
+        for i, s in enumerate(specs):
+            V.check_sparsify_spec(s, f"model {i}")
+        V.check_combine_spec(combine)
+    except (ValueError, TypeError) as exc:
+        raise MergeError(f"tensor {task.name!r}: invalid parameters for {method}: {exc}") from None
+
+
+def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: Optional[str],
+               shard_size: int, truncate_vocab: bool) -> MergePlan:
+    cuts = _check_inputs(base, models, truncate_vocab)
+    glob = cfg.parameters or {}
+    layer_pat = glob.get("layer_pattern", DEFAULT_LAYER_PATTERN)
+    n_layers = _n_layers(base, layer_pat)
+    resolver = ParamResolver(cfg, n_layers)
+    units = {}
+    if is_dppa(cfg.merge_method):
+        pats = {"unit_pattern": glob.get("unit_pattern", DEFAULT_UNIT_PATTERN), "layer_pattern": layer_pat}
+        units = group_units({k: v.shape for k, v in base.tensors.items()}, **pats)
+    work = DTYPES[cfg.dtype] if cfg.dtype else None
+    outd = DTYPES[out_dtype] if out_dtype else (DTYPES[cfg.out_dtype] if cfg.out_dtype else None)
+    tasks = []
+    for name in sorted(base.tensors, key=_natural_key):
+        bi = base.tensors[name]
+        floating = bi.dtype.is_floating_point
+        m = re.search(layer_pat, name)
+        layer = int(m.group(1)) if m else None
+        wd = work or bi.dtype
+        if floating and not work:
+            for src in models:
+                wd = torch.promote_types(wd, src.tensors[name].dtype)
+        task = TensorTask(name, bi.shape, layer, floating, wd if floating else bi.dtype,
+                          (outd or wd) if floating else bi.dtype, unit=name in units, truncate_rows=cuts.get(name))
+        if floating:
+            task.merge_params, task.dppa_params = resolver.for_tensor(name, layer)
+            _check_params(task, cfg.merge_method, len(models))
+        tasks.append(task)
+    shard, used = 0, 0
+    for t in tasks:  # greedy, in output order, like mergekit's writer
+        if used and used + t.out_bytes > shard_size:
+            shard, used = shard + 1, 0
+        t.shard, used = shard, used + t.out_bytes
+    levels = resolver.dp_levels() if is_dppa(cfg.merge_method) else None
+    return MergePlan(cfg, base, models, tasks, shard + 1, n_layers, levels)

@@ -1,0 +1,131 @@
+"""safetensors files read and written with plain positional I/O (no memory map).
+
+Pages touched through a memory map count towards the process's RSS until the map is closed, so
+streaming a model through ``mmap`` makes RSS grow with the model. Reading each tensor with
+``readinto`` into a fresh (optionally pinned) buffer keeps RSS bounded by the tensors in flight.
+The writer streams tensors into a shard whose header is known in advance, so no shard is ever held
+in memory either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Sequence
+
+import torch
+
+from .errors import MergeError
+
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MergeError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise MergeError(f"{path}: corrupt or truncated safetensors header (header length {n}, "
+                                 f"file size {size})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MergeError(f"{path}: corrupt safetensors header ({exc})") from None
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+    start = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(s) for s in meta["shape"])
+            b, e = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{path}: tensor {name!r} has an unsupported or corrupt header entry {meta!r}") from None
+        info = TensorInfo(name, path, dtype, shape, start + b, start + e)
+        want = info.numel * torch.empty((), dtype=dtype).element_size()
+        if e - b != want or b < 0:
+            raise MergeError(f"{path}: tensor {name!r} has {e - b} data bytes, expected {want} for "
+                             f"shape {list(shape)} {meta['dtype']}")
+        if start + e > size:
+            raise MergeError(f"{path}: truncated shard: tensor {name!r} ends at byte {start + e}, "
+                             f"file has {size} bytes")
+        out[name] = info
+    return out
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo, *, pin: bool = False) -> torch.Tensor:
+    """Read one tensor's bytes from an open file into a new (pinned when asked) CPU tensor."""
+    t = torch.empty(info.shape, dtype=info.dtype, pin_memory=pin)
+    nbytes = info.end - info.begin
+    if nbytes:
+        buf = t.view(-1).view(torch.uint8).numpy()
+        f.seek(info.begin)
+        got = f.readinto(memoryview(buf))
+        if got != nbytes:
+            raise MergeError(f"{info.file}: short read of tensor {info.name!r} ({got} of {nbytes} bytes)")
+    return t
+
+
+def plan_header(entries: Sequence[tuple[str, torch.dtype, tuple]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Header bytes (padded to 8) and data offsets for tensors written in the given order."""
+    header, offsets, pos = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, dtype, shape in entries:
+        n = 1
+        for s in shape:
+            n *= s
+        size = n * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+        offsets.append((pos, pos + size))
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def write_all(f: BinaryIO, chunks: Iterable[memoryview]) -> None:
+    for c in chunks:
+        f.write(c)
