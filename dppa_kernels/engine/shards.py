@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ from .st_format import plan_header, tensor_bytes
 
 JOURNAL = "journal.json"
 INDEX = "model.safetensors.index.json"
+_COMMIT_DELAY_S = float(os.environ.get("DPPA_KERNELS_SHARD_DELAY_S", "0") or 0)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -139,6 +141,8 @@ class ShardWriter:
 
         self._io(close)
         self.f, self.cur = None, None
+        if _COMMIT_DELAY_S:  # lets interruption tests stop a merge between shards deterministically
+            time.sleep(_COMMIT_DELAY_S)
 
     def abort(self) -> None:
         if self.f is not None:
