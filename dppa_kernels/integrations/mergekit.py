@@ -156,6 +156,8 @@ def _build_classes():
             weights = [float(parameters["weight"][e.id]) for e in entries]
             specs, combine = table.specs(name, models, tuple(base.shape), normalize=parameters["normalize"],
                                          lam=parameters["lambda"])
+            if specs is None:  # nonunit_mode "base": the base tensor unchanged
+                return base
             return _merge(group, specs, weights, combine)
 
     _state["classes"] = (FastGeneralizedTaskArithmeticMerge, DPPAMerge)

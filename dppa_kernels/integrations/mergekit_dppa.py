@@ -10,11 +10,11 @@ unit parameters of b bytes; the merge itself reads the same again) plus one 3276
 per unit and model; memory is one model's histograms at a time (256 KiB per unit) and a few
 floats per (model, unit) in the table.
 
-Config keys (the CLI's): per model or global ``densities`` (one per level) and ``alphas`` (one
-per band); global ``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``,
-``density_clamp``, ``tie_mode``, ``count_rule``, ``band_combine``, ``stats_dtype``,
-``nonunit_mode`` (``dense``: Δ × 1, or ``base``: Δ dropped), ``unit_pattern``, ``layer_pattern``,
-``compat``. They must be plain values (no per-tensor filters or layer gradients: mergekit would
+Config keys (the ``dppa merge`` CLI's): per model or global ``densities`` (one per level; or
+``density`` for one level, or ``sparsity`` = 1 − density) and ``alphas`` (one per band); global
+``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``, ``density_clamp``, ``tie_mode``,
+``count_rule``, ``band_combine``, ``stats_dtype``, ``nonunit_mode`` (dense | official | base |
+prune, see ``methods.nonunit_spec``), ``unit_pattern``, ``layer_pattern``, ``compat``. They must be plain values (no per-tensor filters or layer gradients: mergekit would
 read a list as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
 parameters. Only ``models:`` configs are supported (slices may map a tensor to another layer).
 """
@@ -29,9 +29,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..methods import DPPA_DEFAULTS, preset
+from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
 from ..reference.naming import unit_layer
-from ..spec import CombineSpec, SparsifySpec
 from . import dppa_stats
 
 LOG = logging.getLogger(__name__)
@@ -41,8 +40,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 _DP_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat")
 _SPEC_KEYS = ("tie_mode", "count_rule", "band_combine", "stats_dtype")
 _OTHER_KEYS = ("nonunit_mode", "unit_pattern", "layer_pattern")
-_PER_MODEL_KEYS = ("densities", "alphas")
-NONUNIT_MODES = ("dense", "base")
+_LEVEL_KEYS = ("densities", "density", "sparsity")
+_PER_MODEL_KEYS = _LEVEL_KEYS + ("alphas",)
 
 _lock = threading.Lock()
 _active: dict = {"table": None}
@@ -52,36 +51,64 @@ _active: dict = {"table": None}
 class DPPATable:
     """DP densities per (model, unit tensor) plus the band settings, read by the merge methods."""
 
-    densities: dict = field(default_factory=dict)  # (model key, tensor name) -> levels
+    densities: dict = field(default_factory=dict)  # (model key, unit tensor name) -> one per level
+    levels: dict = field(default_factory=dict)  # model key -> uniform levels (before DP offsets)
     alphas: dict = field(default_factory=dict)  # model key -> band factors
     settings: dict = field(default_factory=dict)  # tie_mode, count_rule, band_combine, stats_dtype
     nonunit_mode: str = "dense"
     units: dict = field(default_factory=dict)  # unit tensor name -> layer
     patterns: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)  # seconds, bytes_read
+    cost: dict = field(default_factory=dict)  # seconds, bytes_read, units
     method_for_combine: str = "dppa"  # dppa (sum) or dppa_ties
 
     def specs(self, name: str, models: list, shape: tuple, *, normalize: bool, lam: float):
-        """(specs, combine) for tensor ``name`` merged from ``models`` (model keys)."""
-        m = len(models)
-        params = {"normalize": bool(normalize), "lambda": float(lam), **self.settings}
+        """(specs, combine) for tensor ``name`` merged from ``models`` (model keys); specs is None
+        when the output is the base tensor itself (``nonunit_mode: base``)."""
+        unknown = [k for k in models if k not in self.alphas]
+        if unknown:
+            raise KeyError(f"DPPA table has no statistics for model(s) {unknown}: the pre-pass ran "
+                           "on another config")
+        params = {"normalize": bool(normalize), "lambda": float(lam), **self.settings,
+                  "alphas": [tuple(self.alphas[k]) for k in models]}
         if name in self.units:
-            missing = [k for k in models if (k, name) not in self.densities]
-            if missing:
-                raise KeyError(f"DPPA table has no densities for {name!r} of {missing}: the "
-                               "statistics pre-pass ran on another config")
             params["densities"] = [tuple(self.densities[(k, name)]) for k in models]
-            params["alphas"] = [tuple(self.alphas[k]) for k in models]
-            _, specs, combine = preset(self.method_for_combine, m, params)
-            return specs, combine
+            return preset(self.method_for_combine, len(models), params)[1:]
         if unit_layer(name, shape, **self.patterns) is not None:
             raise KeyError(f"{name!r} is a DPPA unit by its name but was not seen by the statistics "
                            "pre-pass (tensor names differ between mergekit and the checkpoint?)")
-        combine = CombineSpec(combine="ties" if self.method_for_combine == "dppa_ties" else "sum",
-                              normalize=bool(normalize), lam=float(lam))
+        # non-units: the CLI's rule (methods.nonunit_spec) applied to the uniform levels
+        params["densities"] = [tuple(self.levels[k]) for k in models]
+        _, specs, combine = preset(self.method_for_combine, len(models), params)
         if self.nonunit_mode == "base":
-            return [SparsifySpec("magnitude", density=0.0)] * m, combine
-        return [SparsifySpec("none")] * m, combine
+            return None, combine
+        return [nonunit_spec(self.nonunit_mode, s, self.levels[k]) for s, k in zip(specs, models)], combine
+
+
+def default_alphas(k: int) -> tuple:
+    """The CLI's default band factors for k levels: DPPA's search start, 1.8 on the top band."""
+    return (1.8,) + (0.0,) * (k - 1)
+
+
+def _levels(local: dict, glob: dict, label: str) -> tuple:
+    """A model's density levels from densities | density | sparsity (model value over global)."""
+    own = [k for k in _LEVEL_KEYS if k in local]
+    if len(own) > 1:
+        raise ValueError(f"model {label!r}: set only one of densities, density, sparsity (got {own})")
+    src = local if own else glob
+    key = own[0] if own else next((k for k in _LEVEL_KEYS if k in glob), None)
+    if key is None:
+        return tuple(DPPA_DEFAULTS["densities"])
+    v = src[key]
+    if key == "densities":
+        levels = tuple(float(x) for x in (v if isinstance(v, list) else [v]))
+    elif isinstance(v, list):
+        raise ValueError(f"model {label!r}: {key} for dppa is a whole-model level and cannot be a "
+                         f"gradient list, got {v!r}")
+    else:
+        levels = (float(v),) if key == "density" else (1.0 - float(v),)
+    if any(b < a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"model {label!r}: densities {levels} must be non-decreasing so the bands nest")
+    return levels
 
 
 def dppa_spec_params(ParameterSpec, ParameterScope) -> tuple:
@@ -131,8 +158,6 @@ def _plain(value: Any, key: str) -> Any:
 
 def _settings(params: Optional[dict], keys) -> dict:
     params = params or {}
-    if "density" in params:
-        raise ValueError("dppa takes 'densities' (a list, one density per level), not 'density'")
     return {k: _plain(params[k], k) for k in keys if k in params}
 
 
@@ -168,7 +193,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
         raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
     nonunit = glob.get("nonunit_mode", "dense")
     if nonunit not in NONUNIT_MODES:
-        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES} inside mergekit, got {nonunit!r}")
+        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
     patterns = {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
     dp = {k: glob[k] for k in _DP_KEYS if k in glob}
     if "density_clamp" in dp:
@@ -195,8 +220,8 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
         if ref == base_ref:
             continue
         local = _settings(model_in.parameters, _PER_MODEL_KEYS)
-        levels = tuple(float(x) for x in local.get("densities", glob.get("densities", DPPA_DEFAULTS["densities"])))
-        alphas = tuple(float(x) for x in local.get("alphas", glob.get("alphas", DPPA_DEFAULTS["alphas"])))
+        levels = _levels(local, glob, str(ref))
+        alphas = tuple(float(x) for x in local.get("alphas", glob.get("alphas", default_alphas(len(levels)))))
         if len(alphas) != len(levels):
             raise ValueError(f"{ref}: alphas {alphas} must have one factor per density level {levels}")
         model_dir = model_dirs[str(ref)]
@@ -205,6 +230,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
         for name in layers:
             table.densities[(str(ref), name)] = tuple(float(d) for d in alloc.densities[name])
         table.alphas[str(ref)] = alphas
+        table.levels[str(ref)] = levels
         nbytes += dppa_stats.unit_bytes(base_dir, layers) + dppa_stats.unit_bytes(model_dir, layers)
     table.cost = {"seconds": time.perf_counter() - t0, "bytes_read": nbytes, "units": len(layers)}
     LOG.info("DPPA statistics pre-pass: %d units x %d models, %.1f MB read, %.2f s", len(layers),
