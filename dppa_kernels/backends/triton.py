@@ -1,0 +1,74 @@
+"""Triton backend: the primitives of ``backends.base`` as Triton kernels (``dppa_kernels.kernels``).
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+imported (the CI configuration). Kernels launch on the current stream of the tensor's device under
+a device guard; the only synchronisations are the copies of results that must reach the host
+(select's τ/counts, the histogram, the L1 sums). No global mutable state.
+
+Extra memory per call (no per-element temporaries): select O(P) int64 + a ≤ 64 K-key sample;
+histogram 256 KB; apply O(P·K + N/BLOCK) int64 of plan metadata; the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .base import Backend
+
+
+def _import_kernels():
+    from ..kernels import apply as kapply  # noqa: F401  (imports triton)
+    from ..kernels import histogram as khist
+    from ..kernels import select as kselect
+
+    return kselect, khist, kapply
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self._mods = None
+        self._why = ""
+        try:
+            self._mods = _import_kernels()
+        except Exception as exc:  # triton missing or broken: report, never raise at import
+            self._why = f"triton is not importable ({exc.__class__.__name__}: {exc}); pip install triton"
+
+    def available(self):
+        if self._mods is None:
+            return False, self._why
+        if not torch.cuda.is_available() and not _interpreting():
+            return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
+        return True, ""
+
+    def supports(self, device):
+        device = torch.device(device)
+        return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+    def select(self, x, k, partition, block_size, key_dtype):
+        with _guard(x):
+            return self._mods[0].select(x, k, partition, block_size, key_dtype)
+
+    def histogram(self, x, stats_dtype):
+        with _guard(x):
+            return self._mods[1].histogram(x, stats_dtype)
+
+    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+        with _guard(deltas[0]):
+            return self._mods[2].apply(deltas, base, plans, weights, combine, out_dtype)
+
+    def abs_sums(self, delta, plan):
+        with _guard(delta):
+            return self._mods[2].abs_sums(delta, plan)
