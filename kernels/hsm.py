@@ -46,7 +46,8 @@ except Exception:  # pragma: no cover - layout of a future triton
 
 @triton.jit
 def _lowrank_tile(U_ptr, L1_ptr, rows, cols, row_ok, col_ok, u_row_stride, l1_row_stride,
-                  RANK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  RANK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr,
                   BLOCK_R: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] = u[rows, :r] @ L1[cols, :r]ᵀ, r padded to BLOCK_R by masked loads.
 
@@ -84,7 +85,8 @@ def _hsm_fwd_kernel(Y_ptr, U_ptr, L1_ptr, G_ptr, R_ptr, OUT_ptr,
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
     w = _lowrank_tile(U_ptr, L1_ptr, rows, cols, row_ok, col_ok, u_row_stride, l1_row_stride,
-                      RANK=RANK, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+                      RANK=RANK, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      BLOCK_R=BLOCK_R)
     y = tl.load(Y_ptr + rows[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0)
     g = tl.load(G_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = (y.to(tl.float32) + w) * g[None, :]
@@ -114,7 +116,8 @@ def _hsm_bwd_kernel(DO_ptr, Y_ptr, U_ptr, L1_ptr, G_ptr, GZ_ptr, DGP_ptr,
     col_ok = cols < n_cols
     ok = row_ok[:, None] & col_ok[None, :]
     w = _lowrank_tile(U_ptr, L1_ptr, rows, cols, row_ok, col_ok, u_row_stride, l1_row_stride,
-                      RANK=RANK, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+                      RANK=RANK, DOT_FP32=DOT_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      BLOCK_R=BLOCK_R)
     y = tl.load(Y_ptr + rows[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0)
     do = tl.load(DO_ptr + rows[:, None] * do_row_stride + cols[None, :], mask=ok, other=0.0)
     do = do.to(tl.float32)
@@ -148,11 +151,11 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def hsm_fwd(y2: torch.Tensor, u: torch.Tensor, l1: torch.Tensor, g: torch.Tensor,
-            res2: Optional[torch.Tensor]) -> torch.Tensor:
-    """Launch the forward epilogue kernel on 2-D, last-dim-contiguous tensors. Returns out [N, d]."""
+            res2: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """Launch the forward kernel on 2-D, last-dim-contiguous tensors. Returns out [N, d]."""
     n_rows, n_cols = y2.shape
     rank = u.shape[1]
-    out = torch.empty_like(y2)
+    out = torch.empty(y2.shape, dtype=out_dtype, device=y2.device)
     cfg = _config(n_rows, n_cols, rank, y2.dtype)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"]))
     r_arg = res2 if res2 is not None else y2  # never read when HAS_RES is False
@@ -188,19 +191,21 @@ class HSMFunction(torch.autograd.Function):
     """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ) [+ residual] with gradients for y, L0, L1, s, m, residual.
 
     Shapes: y, residual [..., d]; L0 [r, d]; L1 [d, r]; s, m [d] (s may be None). The GEMMs run in
-    y's dtype (L0, L1 cast to it, like autocast does for a Linear); g = s ⊙ m and the epilogue are
-    fp32; out has y's dtype. Parameter gradients come back in the parameters' dtypes.
+    y's dtype (L0, L1 cast to it, like autocast does for a Linear; autocast itself is disabled
+    inside so that saved tensors keep that dtype); g = s ⊙ m and the epilogue are fp32; out has
+    ``out_dtype`` (the residual's dtype). Parameter gradients come back in the parameters' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, y, l0, l1, s, m, residual):
+    def forward(ctx, y, l0, l1, s, m, residual, out_dtype):
         d = y.shape[-1]
         y2 = _rows(y, d)
         l0c, l1c = l0.to(y.dtype), l1.to(y.dtype).contiguous()
-        u = y2 @ l0c.t()
+        with torch.autocast(y.device.type, enabled=False):
+            u = y2 @ l0c.t()
         g = m.float() if s is None else s.float() * m.float()
         res2 = None if residual is None else _rows(residual, d)
-        out = hsm_fwd(y2, u, l1c, g.contiguous(), res2)
+        out = hsm_fwd(y2, u, l1c, g.contiguous(), res2, out_dtype)
         ctx.save_for_backward(y2, u, l0, l1, s, m, g)
         ctx.y_shape = y.shape
         ctx.has_res = residual is not None
@@ -211,19 +216,21 @@ class HSMFunction(torch.autograd.Function):
         y2, u, l0, l1, s, m, g = ctx.saved_tensors
         d = y2.shape[1]
         l0c, l1c = l0.to(y2.dtype), l1.to(y2.dtype).contiguous()
-        gz, dg = hsm_bwd(_rows(dout.to(y2.dtype), d), y2, u, l1c, g)
+        gz, dg = hsm_bwd(_rows(dout, d), y2, u, l1c, g)  # dout loaded in its own dtype
         need = ctx.needs_input_grad
-        du = gz @ l1c if (need[0] or need[1]) else None
-        dy = torch.addmm(gz, du, l0c).view(ctx.y_shape) if need[0] else None
-        dl0 = (du.t() @ y2).to(l0.dtype) if need[1] else None
-        dl1 = (gz.t() @ u).to(l1.dtype) if need[2] else None
+        with torch.autocast(y2.device.type, enabled=False):
+            du = gz @ l1c if (need[0] or need[1]) else None
+            dy = torch.addmm(gz, du, l0c).view(ctx.y_shape) if need[0] else None
+            dl0 = (du.t() @ y2).to(l0.dtype) if need[1] else None
+            dl1 = (gz.t() @ u.to(gz.dtype)).to(l1.dtype) if need[2] else None
         ds = (dg * m.float()).to(s.dtype) if (s is not None and need[3]) else None
         dm = (dg if s is None else dg * s.float()).to(m.dtype) if need[4] else None
         dres = dout if ctx.has_res and need[5] else None
-        return dy, dl0, dl1, ds, dm, dres
+        return dy, dl0, dl1, ds, dm, dres, None
 
 
 def hsm_fused(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.Tensor],
-              m: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+              m: torch.Tensor, residual: Optional[torch.Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Triton HSM (validated inputs expected; see ``dppa_kernels.pat.ops.hsm``)."""
-    return HSMFunction.apply(y, l0, l1, s, m, residual)
+    return HSMFunction.apply(y, l0, l1, s, m, residual, out_dtype or y.dtype)

@@ -1,4 +1,4 @@
-"""Fused HSM kernel vs the torch reference: outputs and all gradients, fp32/bf16/fp16, odd shapes."""
+"""Fused HSM kernel vs the torch reference: output and all gradients, fp32/bf16/fp16, odd shapes."""
 
 import os
 
@@ -105,6 +105,24 @@ def test_fused_matches_reference(device, dtype, shape, rank, residual, scale):
 
 
 @pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp32_residual_stream_with_bf16_activations(device, backend):
+    """out_dtype=float32: bf16 y, fp32 residual and output; gradients keep their dtypes."""
+    t = _inputs((37, 80), 4, torch.bfloat16, device, residual=False, scale=True)
+    del t["residual"]
+    res = torch.randn(37, 80, device=device, requires_grad=True)
+    out = hsm(**t, residual=res, out_dtype=torch.float32, backend=backend)
+    assert out.dtype == torch.float32
+    ref = hsm_ref(t["y"].float(), t["l0"], t["l1"], t["s"], t["m"], res, upcast=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=8e-3 * float(ref.detach().abs().max()))
+    out.backward(torch.ones_like(out))
+    assert res.grad.dtype == torch.float32 and t["y"].grad.dtype == torch.bfloat16
+    assert torch.equal(res.grad, torch.ones_like(res))
+    with pytest.raises(TypeError, match="residual must have the output dtype"):
+        hsm(**t, residual=res, backend=backend)
+
+
+@pytest.mark.parametrize("device", _devices())
 def test_strided_input_and_inputs_untouched(device):
     """y and residual as column slices of wider buffers (row stride ≠ d); buffers unchanged."""
     d, r = 40, 4
@@ -162,7 +180,8 @@ def test_import_without_triton_falls_back():
     (dict(s=torch.rand(7)), ValueError, r"s has shape \(7,\), expected \(8,\)"),
     (dict(m=torch.rand(8).double()), TypeError, "m must be float32"),
     (dict(y=torch.randint(0, 3, (3, 8))), TypeError, "y must be float32"),
-    (dict(residual=torch.randn(3, 8).half()), TypeError, "residual must have y's dtype"),
+    (dict(residual=torch.randn(3, 8).half()), TypeError, "residual must have the output dtype"),
+    (dict(out_dtype=torch.int32), TypeError, "out_dtype must be"),
     (dict(l0=torch.randn(8)), ValueError, "l0 must be a 2-D tensor"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
 ])

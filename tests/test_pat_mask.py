@@ -11,7 +11,8 @@ from dppa_kernels.pat.mask import polarization, ste_step
 
 @pytest.mark.parametrize("freeze", [0.8, None], ids=["code", "paper"])
 def test_tau_table_of_the_spec(freeze):
-    """τ for n0 = 10 000: 1.0, 4.0, 8.4, 13.3, 41.3 at n = 1, 1 k, 3.3 k (= n0/3), 5 k, 8 k (n_f = 8 000)."""
+    """τ for n0 = 10 000: 1.0, 4.0, 8.4, 13.3, 41.3 at n = 1, 1 k, 3.3 k (= n0/3), 5 k, 8 k
+    (n_f = 8 000)."""
     sch = MaskSchedule(n0=10_000, freeze=freeze)
     got = [round(sch.tau(n), 1) for n in (1, 1000, 3333, 5000, 8000)]
     assert got == [1.0, 4.0, 8.4, 13.3, 41.3]

@@ -56,7 +56,8 @@ def resolve(model: nn.Module) -> Structure:
     config = getattr(hf, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} ({type(hf).__name__}) is not supported by PAT; "
+        raise ValueError(f"model_type {model_type!r} ({type(hf).__name__}) is not supported by "
+                         "PAT; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     backbone = hf.model if hasattr(hf, "model") and hasattr(hf.model, "layers") else hf
     name = type(hf).__name__

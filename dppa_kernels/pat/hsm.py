@@ -1,4 +1,4 @@
-"""The Hybrid Sparsification Module: HIO operator D = I + L1·L0, per-channel scale s, shared gate m."""
+"""Hybrid Sparsification Module: HIO operator D = I + L1·L0, per-channel scale s, shared gate m."""
 
 from __future__ import annotations
 
@@ -30,21 +30,29 @@ class HSM(nn.Module):
     """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add (PAT.md §3).
 
     L0 ∈ R^{r×d} (Kaiming-uniform, a = √5, as nn.Linear), L1 ∈ R^{d×r} (zeros), s ∈ R^d (ones), so
-    D = I at initialisation. Variants by ``identity_loss``: ``"code"`` (default: the scale s exists),
+    D = I at initialisation. Variants by ``identity_loss``: ``"code"`` (default: with the scale s),
     ``"paper"`` (D = I + L1 diag(v) L0 with v ∈ R^r = 0 and L1 with random orthonormal columns,
     no s) and ``"none"`` (no s, no v; the ablation without identity loss). Parameters are fp32.
+    ``out_dtype`` (default None: y's dtype) chooses the residual precision: torch.float32 makes the
+    residual stream fp32 from this HSM on (what the official code did silently, PAT.md §9); the
+    model's Linear layers then need autocast, as in the official bf16-autocast recipe.
     """
 
     def __init__(self, d: int, rank: int, *, identity_loss: str = "code", backend: str = "auto",
-                 device=None) -> None:
+                 out_dtype: Optional[torch.dtype] = None, device=None) -> None:
         super().__init__()
         if identity_loss not in IDENTITY_LOSSES:
-            raise ValueError(f"identity_loss must be one of {IDENTITY_LOSSES}, got {identity_loss!r}")
+            raise ValueError(f"identity_loss must be one of {IDENTITY_LOSSES}, "
+                             f"got {identity_loss!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if out_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"out_dtype (residual_dtype) must be float32, bfloat16, float16 or "
+                            f"None, got {out_dtype}")
         kw = dict(dtype=torch.float32, device=device)
         self.variant = identity_loss
         self.backend = backend
+        self.out_dtype = out_dtype  # None: the input's dtype (the residual stream keeps its dtype)
         self.l0 = nn.Parameter(torch.empty(rank, d, **kw))
         nn.init.kaiming_uniform_(self.l0, a=math.sqrt(5))
         self.l1 = nn.Parameter(torch.zeros(d, rank, **kw))
@@ -69,7 +77,8 @@ class HSM(nn.Module):
 
     def forward(self, y: torch.Tensor, m: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return hsm(y, self.l0, self.effective_l1(), self.scale, m, residual, backend=self.backend)
+        return hsm(y, self.l0, self.effective_l1(), self.scale, m, residual,
+                   out_dtype=self.out_dtype, backend=self.backend)
 
     def identity_loss(self) -> torch.Tensor:
         """code: mean((L0 L0ᵀ − I_r)²); paper: ‖L0 L0ᵀ − I_r‖_F + ‖L1ᵀ L1 − I_r‖_F (the paper's

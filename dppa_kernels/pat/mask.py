@@ -1,4 +1,4 @@
-"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d shared by every HSM (PAT.md §4)."""
+"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d for all HSMs (PAT.md §4)."""
 
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ class UnifiedMask(nn.Module):
         d = w.numel()
         zeros = int((w == 0).sum())
         if zeros:
-            raise ValueError(f"the mask proxy W_M has {zeros} exact zeros (of {d}); the kept/dropped "
-                             "decision is ambiguous there (train the mask before binarising)")
+            raise ValueError(f"the mask proxy W_M has {zeros} exact zeros (of {d}); the "
+                             "kept/dropped decision is ambiguous there (train the mask first)")
         keep = w > 0
         if multiple_of is not None:
             if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
@@ -117,7 +117,8 @@ class UnifiedMask(nn.Module):
             if multiple_of >= d:
                 raise ValueError(f"multiple_of must be < hidden size {d}, got {multiple_of}")
             k = int(keep.sum())
-            k = min(max(round(k / multiple_of), 1) * multiple_of, (d - 1) // multiple_of * multiple_of)
+            q = multiple_of
+            k = min(max(round(k / q), 1) * q, (d - 1) // q * q)
             keep = torch.zeros_like(keep)
             keep[torch.topk(w, k, sorted=False).indices] = True
         if not bool(keep.any()) or bool(keep.all()):

@@ -27,8 +27,8 @@ _WARNED: set = set()
 
 
 def triton_status() -> tuple[bool, str]:
-    """(available, reason) of the Triton HSM kernels, computed once. ``DPPA_KERNELS_DISABLE_TRITON=1``
-    disables them."""
+    """(available, reason) of the Triton HSM kernels, computed once.
+    ``DPPA_KERNELS_DISABLE_TRITON=1`` disables them."""
     if "status" not in _TRITON:
         if os.environ.get("DPPA_KERNELS_DISABLE_TRITON", "0") not in ("", "0"):
             _TRITON["status"] = (False, "disabled by DPPA_KERNELS_DISABLE_TRITON")
@@ -91,7 +91,7 @@ def _check(name: str, t: Optional[torch.Tensor], shape: tuple, device: torch.dev
 
 def hsm(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.Tensor],
         m: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
-        backend: str = "auto") -> torch.Tensor:
+        out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
     """HSM forward with autograd (PAT.md §3, §9 K1/K2):
 
         out = s ⊙ m ⊙ (y + (y L0ᵀ) L1ᵀ)  [+ residual]
@@ -103,7 +103,8 @@ def hsm(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.T
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() < 1 or y.shape[-1] == 0:
-        raise ValueError(f"y must have a non-empty last (hidden) dimension, got shape {tuple(y.shape)}")
+        raise ValueError(f"y must have a non-empty last (hidden) dimension, got shape "
+                         f"{tuple(y.shape)}")
     d = y.shape[-1]
     if not isinstance(l0, torch.Tensor) or l0.dim() != 2:
         raise ValueError(f"l0 must be a 2-D tensor [r, d], got {getattr(l0, 'shape', l0)}")
@@ -114,10 +115,13 @@ def hsm(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.T
     _check("s", s, (d,), y.device)
     _check("m", m, (d,), y.device)
     _check("residual", residual, tuple(y.shape), y.device)
-    if residual is not None and residual.dtype != y.dtype:
-        raise TypeError(f"residual must have y's dtype {y.dtype}, got {residual.dtype}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16, float16 or None, got {out_dtype}")
+    out_dtype = out_dtype or y.dtype
+    if residual is not None and residual.dtype != out_dtype:
+        raise TypeError(f"residual must have the output dtype {out_dtype}, got {residual.dtype}")
     if r == 0:
         raise ValueError("l0 has rank 0; the HSM needs r >= 1")
     if select_backend(backend, y.device) == "triton":
-        return _TRITON["module"].hsm_fused(y, l0, l1, s, m, residual)
-    return hsm_ref(y, l0, l1, s, m, residual)
+        return _TRITON["module"].hsm_fused(y, l0, l1, s, m, residual, out_dtype)
+    return hsm_ref(y, l0, l1, s, m, residual, out_dtype=out_dtype)

@@ -54,7 +54,7 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
             schedule: Optional[MaskSchedule] = None, total_steps: Optional[int] = None,
             count_loss: str = "code", count_weight: Optional[float] = None,
             polarization: bool = True, identity_loss: str = "code", backend: str = "auto",
-            freeze_base: bool = False) -> nn.Module:
+            residual_dtype: Optional[torch.dtype] = None, freeze_base: bool = False) -> nn.Module:
     """Add PAT's HSMs and the unified mask to ``model`` **in place** and return it.
 
     Args:
@@ -65,6 +65,9 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
         count_loss, count_weight, polarization: mask losses (``UnifiedMask``).
         identity_loss: ``"code"`` (scale s, default), ``"paper"`` (diag(v)) or ``"none"``.
         backend: HSM op backend, ``"auto"``, ``"triton"`` or ``"torch"``.
+        residual_dtype: None (default): HSM outputs keep the activation dtype, so a bf16 model
+            keeps a bf16 residual stream (epilogue math is fp32 either way); torch.float32 makes
+            the residual stream fp32 (2× its traffic).
         freeze_base: set ``requires_grad=False`` on every pre-existing parameter.
 
     PEFT freezes every non-LoRA parameter in ``get_peft_model``: call it first, or call
@@ -91,7 +94,8 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
                        polarization=polarization, device=device)
 
     def new_hsm() -> HSM:
-        return HSM(d, r, identity_loss=identity_loss, backend=backend, device=device)
+        return HSM(d, r, identity_loss=identity_loss, backend=backend, out_dtype=residual_dtype,
+                   device=device)
 
     handles = []
     st.backbone.pat_mask = mask
@@ -154,7 +158,8 @@ def set_step(model: nn.Module, step: int) -> None:
 
 
 def binarize(model: nn.Module, multiple_of: Optional[int] = None) -> nn.Module:
-    """Switch the shared mask to its hard 0/1 form (inference/export); see ``UnifiedMask.binarize``."""
+    """Switch the shared mask to its hard 0/1 form (inference, export); see
+    ``UnifiedMask.binarize``."""
     get_mask(model).binarize(multiple_of)
     return model
 
@@ -165,7 +170,7 @@ def num_active(model: nn.Module) -> int:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Detach the PAT hooks and modules in place (the model computes its original function again)."""
+    """Detach the PAT hooks and modules in place (the model computes its original function)."""
     st = _prepared(model)
     for h in getattr(st.backbone, _HANDLES, []):
         h.remove()

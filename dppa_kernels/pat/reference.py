@@ -9,14 +9,15 @@ import torch
 
 def hsm_ref(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.Tensor],
             m: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
-            upcast: bool = False) -> torch.Tensor:
+            upcast: bool = False, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """HSM forward, differentiable by autograd (PAT.md §3):
 
         u = y L0ᵀ,  z = y + u L1ᵀ,  out = s ⊙ m ⊙ z  [+ residual]
 
     Shapes: y, residual [..., d]; L0 [r, d]; L1 [d, r]; s (or None, meaning 1) and m [d].
     The two GEMMs run in y's dtype (as a Linear under autocast would), or in fp32 with
-    ``upcast=True``; the gate/scale/residual epilogue is fp32. Returns y's dtype.
+    ``upcast=True``; the gate/scale/residual epilogue is fp32. Returns ``out_dtype`` (default:
+    y's dtype).
     Reference: Liu et al., PAT, arXiv:2408.14721, Eq. 4 (Z = (M ⊙ D)·W·X with D = I + L1 L0).
     """
     cdt = torch.float32 if upcast else y.dtype
@@ -27,4 +28,4 @@ def hsm_ref(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[tor
     out = z * g
     if residual is not None:
         out = out + residual.float()
-    return out.to(y.dtype)
+    return out.to(out_dtype or y.dtype)

@@ -21,8 +21,10 @@ class MaskSchedule:
     n0 is ``n0`` if given, else ``round(s0_fraction · total_steps)`` (code: n0 = 10 000 for ≈ 30 k
     steps, i.e. ⅓). ``freeze`` (code default 0.8): from n_f = ⌊freeze · n0⌋ on, τ is held at τ(n_f)
     and W_M is detached (the mask stops learning). ``freeze=None`` is the paper variant: no freeze,
-    τ = 1/eps for n ≥ n0. The gate argument is clamped from below at ``clamp_min`` (−10: gate ≥ 4.5e-5)
-    and binarisation uses τ = ``hard_tau``, β = 0 (equivalently keep_i ⇔ W_M,i > 0).
+    τ = 1/eps for n ≥ n0. The gate argument is clamped from below at ``clamp_min``
+    (−10: gate ≥ 4.5e-5)
+    and binarisation (τ = 1e6, β = 0, rounded) is exactly keep_i ⇔ W_M,i > 0, since
+    sigmoid(τ·w) > 0.5 ⇔ w > 0 for any τ > 0; it is implemented as that predicate.
     """
 
     total_steps: Optional[int] = None
@@ -32,7 +34,6 @@ class MaskSchedule:
     beta0: float = 0.5
     eps: float = 1e-6
     clamp_min: float = -10.0
-    hard_tau: float = 1e6
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "n0"):
@@ -59,7 +60,8 @@ class MaskSchedule:
             n0 = round(self.s0_fraction * self.total_steps)
         else:
             raise ValueError("the mask schedule length is unknown: pass total_steps or n0 to "
-                             "pat.prepare / MaskSchedule (the trainer callback sets it from max_steps)")
+                             "pat.prepare / MaskSchedule (the trainer callback sets it from "
+                             "max_steps)")
         if n0 < 2:
             raise ValueError(f"the mask schedule length n0 must be >= 2 (ln(n0) divides), got {n0}")
         return n0
