@@ -277,11 +277,16 @@ def _prepare(deltas, plans, block):
 
 
 def apply(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], plans, weights, combine,
-          out_dtype: torch.dtype) -> torch.Tensor:
-    """Fused sparsify + combine + base add + cast (``backends.base`` ``apply``)."""
+          out_dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fused sparsify + combine + base add + cast (``backends.base`` ``apply``).
+
+    ``out``: optional contiguous destination of Δ's shape and ``out_dtype`` (tests pass a view of a
+    sentinel-filled buffer to catch out-of-bounds stores).
+    """
     shape, dev = deltas[0].shape, deltas[0].device
     n = deltas[0].numel()
-    out = torch.empty(shape, dtype=out_dtype, device=dev)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=dev)
     if n == 0:
         return out
     block = _block(n)

@@ -183,7 +183,7 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
     else:
         part_len, n_parts = int(block_size), -(-n // int(block_size))
     dev = x.device
-    kk = k.to(device=dev, dtype=torch.int64)
+    kk = k.to(device=dev, dtype=torch.int64).contiguous()  # a strided view would be misread
     out = torch.zeros(3, n_parts, dtype=torch.int64, device=dev)
     if n_parts == 0 or n == 0:
         out[0] = 1 << nbits

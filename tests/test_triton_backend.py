@@ -1,0 +1,290 @@
+"""Triton backend vs the in-package reference (CPU tensors under the Triton interpreter on CI).
+
+Same cases as the CPU backends' tests (tests/test_ops.py): odd shapes, every dtype, heavy ties,
+edge densities; thresholds, counts and masks exact, values within one output ulp (the interpreter
+truncates fp32 -> bf16 stores, STYLE.md §6.3), DARE masks bit-identical to the reference RNG.
+On a GPU machine the same file runs on CUDA tensors: ``TRITON_INTERPRET=0 pytest tests/test_triton_backend.py``.
+Shapes are small and kernels use large blocks under the interpreter (~1 ms per program instance).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
+
+import dppa_kernels as dk  # noqa: E402
+from dppa_kernels.backends.base import ApplyPlan  # noqa: E402
+from dppa_kernels.backends.torch_backend import TorchBackend  # noqa: E402
+from dppa_kernels.reference import rng  # noqa: E402
+from dppa_kernels.reference.dppa import histogram_ref  # noqa: E402
+from dppa_kernels.reference.threshold import magnitude_mask_ref, magnitude_threshold_ref  # noqa: E402
+from dppa_kernels.spec import CombineSpec  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
+from dppa_kernels.kernels import apply as kapply  # noqa: E402
+from dppa_kernels.kernels import select as kselect  # noqa: E402
+from dppa_kernels.kernels.common import hash_bits  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+SHAPES = [(1,), (7,), (1023,), (4097,), (5, 123, 123)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _really_triton():
+    """A GPU-less run must exercise the interpreted kernels, not silently a fallback."""
+    be = TritonBackend()
+    ok, why = be.available()
+    assert ok, why
+    assert be.supports(torch.device(DEVICE))
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert isinstance(kselect._window_count_kernel, InterpretedFunction)
+
+
+def _dev(t):
+    return t.to(DEVICE)
+
+
+def _ulp_close(a, b, dtype):
+    """Within one output ulp of the float64 reference plus the fp32 reduction error (see test_ops);
+    under the interpreter fp32 -> bf16 stores truncate, which stays within that ulp."""
+    a, b = a.double().cpu(), b.double().cpu()
+    scale = b.abs().max() if b.numel() else torch.tensor(0.0)
+    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * scale + 1e-30
+    bad = (a - b).abs() > tol
+    assert not bool(bad.any()), (f"{int(bad.sum())} mismatches, first at {bad.nonzero()[:3].tolist()}: "
+                                 f"{a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
+
+
+# ---------------------------------------------------------------- select
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
+def test_select_matches_reference(dtype, shape, partition):
+    x = realistic_delta(shape, dtype, sigma=1e-4)
+    be = TritonBackend()
+    n = x.numel()
+    for d in ((0.0, 0.2, 1.0) if partition == "tensor" else (1.0 / n, 0.5)):
+        ref = magnitude_threshold_ref(x, d, partition=partition, block_size=1000)
+        tau, above, eq = be.select(_dev(x), ref["k"], partition, 1000, None)
+        assert torch.equal(tau, ref["tau_key"]), d
+        assert torch.equal(above, ref["c_above"]), d
+        assert torch.equal(eq, ref["c_eq"]), d
+
+
+@pytest.mark.parametrize("dtype,key_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=str)
+def test_select_key_dtype_rounding(dtype, key_dtype):
+    # values exactly halfway between two bf16 / fp16 numbers exercise round-to-nearest-even
+    x = realistic_delta((4097,), dtype, sigma=2e-3)
+    if dtype == torch.float32:
+        x[:64] = (torch.arange(64, dtype=torch.int32) * 0x10000 + 0x3C008000).view(torch.float32)
+    for d in (0.1, 0.7):
+        ref = magnitude_threshold_ref(x, d, key_dtype=key_dtype)
+        got = TritonBackend().select(_dev(x), ref["k"], "tensor", None, key_dtype)
+        assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.999])
+def test_select_sample_bracket_path(dtype, density):
+    # force the sample-bracket window on a small tensor (hits, and misses for extreme densities)
+    x = _dev(quantised_delta((16411,), dtype, levels=50) + realistic_delta((16411,), dtype, sigma=1e-3))
+    ref = magnitude_threshold_ref(x.cpu(), density)
+    got = kselect.select(x, ref["k"], "tensor", None, None, sample=512, sample_min_n=4096)
+    assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")]
+
+
+def test_select_all_equal_and_all_zero():
+    for x in (torch.full((3000,), 0.5), torch.zeros(3000)):
+        ref = magnitude_threshold_ref(x, 0.4)
+        got = TritonBackend().select(_dev(x), ref["k"], "tensor", None, None)
+        assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")]
+
+
+# ---------------------------------------------------------------- histogram
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(1,), (1023,), (5, 123, 123)], ids=str)
+def test_histogram_matches_reference(dtype, stats_dtype, shape):
+    x = realistic_delta(shape, dtype, sigma=1e-3)
+    got = TritonBackend().histogram(_dev(x), stats_dtype)
+    assert got.dtype == torch.int64 and got.device.type == "cpu"
+    assert torch.equal(got, histogram_ref(x, stats_dtype))
+
+
+# ---------------------------------------------------------------- apply: masks exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
+@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
+def test_magnitude_prune_masks_identical_with_heavy_ties(dtype, tie_mode, partition):
+    # nonzero tie groups, so the mask is visible in the output: out == where(mask, x, 0) exactly
+    x = quantised_delta((9, 7, 41), dtype, levels=5)
+    x = torch.where(x == 0, torch.full_like(x, 1 / 128), x)
+    for d in (0.0, 1 / x.numel(), 0.2, 0.5, 1.0):
+        kw = dict(density=d, tie_mode=tie_mode, partition=partition, block_size=50)
+        got = dk.prune(_dev(x), "magnitude", backend="triton", **kw).cpu()
+        mask = magnitude_mask_ref(x, d, tie_mode=tie_mode, partition=partition, block_size=50)
+        assert torch.equal(got, torch.where(mask, x, torch.zeros_like(x))), d
+        assert torch.equal(got, dk.prune(x, "magnitude", backend="reference", **kw)), d
+
+
+def test_exact_k_tie_ranks_across_chunks_and_partitions():
+    # one tie group spanning many apply chunks and partitions that straddle chunk borders
+    x = torch.full((2, 40001), 0.25)
+    x[:, ::7] = 0.5
+    for partition, bs in (("tensor", None), ("row", None), ("block", 30011)):
+        for d in (0.05, 0.6):
+            got = dk.prune(_dev(x), "magnitude", density=d, tie_mode="exact_k", partition=partition,
+                           block_size=bs, backend="triton").cpu()
+            mask = magnitude_mask_ref(x, d, tie_mode="exact_k", partition=partition, block_size=bs)
+            assert torch.equal(got != 0, mask), (partition, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bands_codes_exact(dtype):
+    # power-of-two band factors keep values exact, so the band of every element is checked
+    x = quantised_delta((37, 129), dtype, levels=9)
+    x = torch.where(x == 0, torch.full_like(x, -1 / 256), x)
+    for tie_mode, partition in (("gt", "tensor"), ("exact_k", "tensor"), ("exact_k", "row"), ("ge", "block")):
+        kw = dict(densities=(0.1, 0.3, 0.6), alphas=(4.0, 2.0, 1.0), band_combine="direct", tie_mode=tie_mode,
+                  partition=partition, block_size=300)
+        got = dk.prune(_dev(x), "bands", backend="triton", **kw).cpu()
+        assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), (tie_mode, partition)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dare_mask_bit_identical(dtype):
+    x = realistic_delta((3, 50, 123), dtype, sigma=2e-3)
+    x = torch.where(x == 0, torch.ones_like(x), x)  # no zeros: the mask is visible
+    for seed, name, p in ((0, "", 0.3), (2**40 + 7, "model.layers.0.mlp.up_proj.weight", 0.9), (5, "w", 0.0)):
+        got = dk.prune(_dev(x), "dare", density=p, seed=seed, name=name, backend="triton").cpu()
+        k1, k2 = rng.stream_keys(seed, name, 0)
+        keep = rng.keep_mask(x.numel(), p, k1, k2).reshape(x.shape)
+        assert torch.equal(got != 0, keep), (seed, p)
+        assert torch.equal(got, dk.prune(x, "dare", density=p, seed=seed, name=name, backend="torch"))
+
+
+@triton.jit
+def _bits_kernel(OUT, offset, k1, k2, BLOCK: tl.constexpr):
+    i = offset + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(OUT + tl.arange(0, BLOCK), hash_bits(i, k1.to(tl.uint32), k2.to(tl.uint32)).to(tl.int64))
+
+
+def test_dare_hash_high_index_bits():
+    # flat indices >= 2**32 use the hi32 word: check the kernel's hash there without a 4 G tensor
+    k1, k2 = rng.stream_keys(123, "embed", 3)
+    out = torch.zeros(256, dtype=torch.int64, device=DEVICE)
+    off = (1 << 32) + 12345
+    _bits_kernel[(1,)](out, off, k1, k2, BLOCK=256)
+    assert torch.equal(out.cpu(), rng.random_bits(256, k1, k2, offset=off))
+
+
+# ---------------------------------------------------------------- apply: values
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_other_prune_methods_match_reference(dtype):
+    x = realistic_delta((37, 129), dtype, sigma=2e-3)
+    cases = [("dare", dict(density=0.3, rescale="inv_density")), ("dare", dict(density=0.3, rescale="l1")),
+             ("della", dict(density=0.4, epsilon=0.1, rescale="l1")), ("breadcrumbs", dict(density=0.2, gamma=0.05)),
+             ("bands", dict(densities=(0.1, 0.2), alphas=(1.8, 1.0))),
+             ("bands", dict(densities=(0.05, 0.1, 0.3), alphas=(2.0, 1.5, 1.0), band_combine="direct",
+                            tie_mode="exact_k", partition="row"))]
+    for method, kw in cases:
+        ref = dk.prune(x, method, seed=11, name="layer.w", backend="reference", **kw)
+        got = dk.prune(_dev(x), method, seed=11, name="layer.w", backend="triton", **kw).cpu()
+        assert torch.equal(got != 0, ref != 0), method
+        _ulp_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                    "breadcrumbs_ties", "della", "della_linear", "dppa", "dppa_ties"])
+def test_merge_matches_reference(dtype, method):
+    base, deltas = family((33, 65), 3, dtype, sigma=1e-3)
+    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
+    if method.startswith("della"):
+        params["epsilon"] = 0.1
+    if method.startswith("dppa"):
+        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]],
+                  "alphas": [1.8, 1.0]}
+    ref = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="reference", **params)
+    got = dk.merge_deltas([_dev(d) for d in deltas], _dev(base), method=method, seed=5, name="t",
+                          backend="triton", **params)
+    assert got.dtype == base.dtype
+    _ulp_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("elect", ["weighted_sum", "count", "sum", "frequency"])
+@pytest.mark.parametrize("divisor", ["weights", "count", "none"])
+def test_combine_rules_match_torch_backend(elect, divisor):
+    # every TIES election x divisor, and sum, vs the torch backend (same fp32 formula)
+    base, deltas = family((4097,), 4, torch.float32, sigma=1e-3)
+    plans = [ApplyPlan("dense", scale=s) for s in (1.0, 0.5, 2.0, 1.0)]
+    w = [1.0, -0.7, 0.3, 0.0]
+    for comb in ("ties", "sum"):
+        spec = CombineSpec(combine=comb, elect=elect, divisor=divisor, normalize=True, lam=0.8)
+        ref = TorchBackend().apply(deltas, base, plans, w, spec, torch.float32)
+        got = TritonBackend().apply([_dev(d) for d in deltas], _dev(base), plans, w, spec, torch.float32).cpu()
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_apply_writes_nothing_out_of_bounds():
+    n = 1023
+    base, deltas = family((n,), 2, torch.bfloat16)
+    sentinel = torch.full((n + 4096,), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    plans = [ApplyPlan("dare", k1=1, k2=2, thr32=2**31), ApplyPlan("dense")]
+    kapply.apply([_dev(d) for d in deltas], _dev(base), plans, [1.0, 1.0], CombineSpec(), torch.bfloat16,
+                 out=sentinel[:n])
+    assert bool((sentinel[n:] == 7.0).all())
+
+
+def test_abs_sums_match_torch_backend():
+    x = realistic_delta((5, 123, 123), torch.bfloat16, sigma=1e-3)
+    plan = dk.ops.make_plan(TorchBackend(), x, dk.ops.sparsify_spec("magnitude", density=0.3, partition="row"),
+                            seed=0, name="", stream=0)
+    ref = TorchBackend().abs_sums(x, plan)
+    got = TritonBackend().abs_sums(_dev(x), plan)
+    assert got == pytest.approx(ref, rel=1e-6)
+
+
+def test_empty_and_non_contiguous_inputs():
+    x = realistic_delta((64, 33), torch.float32).t()  # non-contiguous: ops makes it contiguous
+    got = dk.prune(_dev(x), "magnitude", density=0.3, backend="triton").cpu()
+    assert torch.equal(got, dk.prune(x, "magnitude", density=0.3, backend="reference"))
+    e = torch.zeros((0, 5), device=DEVICE)
+    assert dk.prune(e, "magnitude", density=0.3, backend="triton").shape == (0, 5)
+
+
+# ---------------------------------------------------------------- GPU compile (no GPU needed)
+
+
+def test_kernels_compile_for_sm90():
+    """Lower every kernel through triton's GPU pipeline to cubin (the interpreter accepts code the
+    compiler rejects, e.g. non-constexpr globals); no driver needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "dppa_kernels.kernels.compile_check", "90"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "compiled" in r.stdout
