@@ -13,8 +13,10 @@ Part 2 (CUDA only, skipped with a message otherwise): HSM forward and forward+ba
 fused vs torch reference, bf16 activations, fp32 parameters (PAT.md §6: N = 8·256, d = 4096,
 r = 200).
 
-Rows are appended to bench/results/pat_cpu.csv (part 1 on CPU), pat_gpu.csv (GPU runs), with the
-machine, torch and transformers versions and the git commit. Not a timed test.
+Rows are appended to bench/results/pat_cpu.csv (part 1 on CPU), pat_gpu.csv (part 1 on GPU) and
+pat_gpu_hsm.csv (part 2), with the machine, torch and transformers versions, the git commit and the
+1-minute load average at the start (other processes on a shared machine inflate p80; the variants
+are timed round-robin so that such load hits them alike). Not a timed test.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def bench_fold(args, device: torch.device) -> list[dict]:
                   torch=torch.__version__, transformers=transformers.__version__,
                   device=device.type, dtype="fp32", batch=args.batch, seq=args.seq,
                   layers=args.layers, d=args.hidden, intermediate=args.inter,
-                  heads=args.heads, vocab=args.vocab)
+                  heads=args.heads, vocab=args.vocab,
+                  load_avg_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "")
     n0 = sum(p.numel() for p in model.parameters())
     variants = [("original", 0.0, args.hidden, model, "")]
     for pct in args.prune:

@@ -113,7 +113,7 @@ def test_fold_merges_lora_exactly():
     x = ids()
     with torch.no_grad():
         masked = pm(input_ids=x).logits
-    folded = pat.fold(pm)
+    folded = pat.fold(pm, verify_ids=x)
     assert type(folded).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         assert rel_err(folded(x).logits, masked) <= 1e-5
@@ -161,6 +161,8 @@ def test_fold_bad_input():
     pat.binarize(model)
     with pytest.raises(TypeError, match="dtype must be"):
         pat.fold(model, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="differs from the masked model"):
+        pat.fold(model, exact_eps=False, verify_ids=ids(), verify_rtol=1e-7)
     # transformers' LlamaConfig demands hidden_size % num_attention_heads == 0
     odd = trained_like(tiny("llama"), 45)
     pat.binarize(odd)

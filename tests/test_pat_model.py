@@ -178,6 +178,11 @@ def test_peft_lora_alongside():
     assert not pat.get_mask(pm2).weight.requires_grad
     pat.mark_trainable(pm2)
     assert all(p.requires_grad for p in pat.pat_parameters(pm2))
+    # LoRA on the embedding after prepare would bypass the embedding HSM: refused
+    pm3 = peft.get_peft_model(pat.prepare(tiny("llama"), keep=40, backend="torch"),
+                              peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="embed_tokens was replaced after pat.prepare"):
+        pat.sparsity_loss(pm3)
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -17,7 +17,7 @@ Importing this package never imports triton (the HSM op falls back to the torch 
 ``PATCallback`` imports transformers on first access.
 """
 
-from .fold import fold
+from .fold import fold, verify
 from .hsm import HSM, OFFICIAL_RANK, resolve_rank
 from .mask import UnifiedMask
 from .ops import hsm, select_backend, triton_status
@@ -41,7 +41,7 @@ __all__ = [
     "HSM", "MaskSchedule", "OFFICIAL_RANK", "PATCallback", "UnifiedMask", "binarize", "fold",
     "get_mask", "hsm", "hsm_ref", "hsms", "identity_loss", "mark_trainable", "num_active",
     "pat_parameters", "prepare", "remove", "resolve_rank", "select_backend", "set_step",
-    "sparsity_loss", "triton_status",
+    "sparsity_loss", "triton_status", "verify",
 ]
 
 

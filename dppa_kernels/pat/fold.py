@@ -147,14 +147,24 @@ def _folded_config(hf: nn.Module, st, d_new: int, exact_eps: bool, dtype: torch.
     return cfg
 
 
-def fold(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
-         exact_eps: bool = True) -> nn.Module:
+def verify(folded: nn.Module, model: nn.Module, input_ids: torch.Tensor) -> float:
+    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids`` (PAT.md §7 step 8)."""
+    with torch.no_grad():
+        ref = model(input_ids=input_ids).logits.float()
+        got = folded(input_ids=input_ids.to(next(folded.parameters()).device)).logits.float()
+    return float((got.to(ref.device) - ref).abs().max() / ref.abs().max())
+
+
+def fold(model: nn.Module, *, dtype: Optional[torch.dtype] = None, exact_eps: bool = True,
+         verify_ids: Optional[torch.Tensor] = None, verify_rtol: float = 1e-5) -> nn.Module:
     """Return a new, smaller dense model of the same transformers class equal to the hard-masked
     PAT model (see the module docstring). ``model`` must be prepared and binarised
     (``pat.binarize``); it is left unchanged. ``dtype``: dtype of the result (default: the source
     embedding's dtype); all arithmetic is fp32. ``exact_eps=False`` keeps ε as the official fold
     does (error ~ ε relative). d′ is the binarised keep count: to round it to a multiple of
-    8/64/128 use ``pat.binarize(model, multiple_of=...)`` before folding.
+    8/64/128 use ``pat.binarize(model, multiple_of=...)`` before folding. With ``verify_ids``
+    (token ids [B, T]) the fp32 folded model is checked against the hard-masked model before the
+    final cast: a relative logit error above ``verify_rtol`` raises RuntimeError.
     """
     st = _prepared(model)
     mask = st.backbone.pat_mask
@@ -202,4 +212,10 @@ def fold(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     put.finish()
     if getattr(hf, "generation_config", None) is not None and hasattr(new, "generation_config"):
         new.generation_config = copy.deepcopy(hf.generation_config)
-    return new.to(device=src_device, dtype=out_dtype)
+    new = new.to(device=src_device)
+    if verify_ids is not None:
+        err = verify(new, model, verify_ids)
+        if not err <= verify_rtol:
+            raise RuntimeError(f"folded model differs from the masked model: relative logit error "
+                               f"{err:.3g} > verify_rtol {verify_rtol:g}")
+    return new.to(dtype=out_dtype)

@@ -115,6 +115,12 @@ def _prepared(model: nn.Module) -> Structure:
     st = resolve(model)
     if not isinstance(getattr(st.backbone, "pat_mask", None), UnifiedMask):
         raise ValueError("model has no PAT modules: call pat.prepare(model, keep=...) first")
+    hooks = st.backbone.embed_tokens._forward_hooks.values()
+    if not any(isinstance(h, _OutputHook) for h in hooks):
+        # e.g. LoRA on the embedding added after prepare, or resize_token_embeddings: the HSM
+        # would then see only part of the embedding output, and the fold would be wrong
+        raise ValueError("embed_tokens was replaced after pat.prepare and lost its HSM hook; "
+                         "wrap or resize the embedding before calling pat.prepare")
     return st
 
 
