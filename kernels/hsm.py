@@ -47,8 +47,7 @@ except Exception:  # pragma: no cover - layout of a future triton
 @triton.jit
 def _lowrank_tile(U_ptr, L1_ptr, rows, cols, row_ok, col_ok, u_row_stride, l1_row_stride,
                   RANK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc[BLOCK_M, BLOCK_N] = u[rows, :r] @ L1[cols, :r]ᵀ, r padded to BLOCK_R by masked loads.
 
     RANK is a compile-time constant: one specialisation per model (r is fixed per model), a static
@@ -135,8 +134,9 @@ def is_interpreted() -> bool:
 
 def _config(n_rows: int, n_cols: int, rank: int, dtype: torch.dtype) -> dict:
     """Tile sizes. tl.dot needs every dim ≥ 16. The interpreter pays ≈ 1 ms per program instance,
-    so it gets the largest tiles; on a GPU 64 × 128 tiles with a 32/64-wide r chunk keep the
-    fp32 accumulator at 32 registers per thread with 4 warps."""
+    so it gets the largest tiles. On a GPU a 64 × 128 tile with a 32/64-wide r chunk keeps the
+    fp32 accumulator at 64 registers per thread with 4 warps and the operand tiles at ≤ 24 KB of
+    shared memory (untuned: no GPU was available when this was written)."""
     cap = lambda n, lo, hi: max(lo, min(hi, triton.next_power_of_2(max(n, 1))))  # noqa: E731
     if is_interpreted():
         return dict(BLOCK_M=cap(n_rows, 16, 128), BLOCK_N=cap(n_cols, 16, 128),

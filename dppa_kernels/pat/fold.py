@@ -148,7 +148,7 @@ def _folded_config(hf: nn.Module, st, d_new: int, exact_eps: bool, dtype: torch.
 
 
 def verify(folded: nn.Module, model: nn.Module, input_ids: torch.Tensor) -> float:
-    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids`` (PAT.md §7 step 8)."""
+    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids`` (PAT.md §7)."""
     with torch.no_grad():
         ref = model(input_ids=input_ids).logits.float()
         got = folded(input_ids=input_ids.to(next(folded.parameters()).device)).logits.float()
