@@ -1,0 +1,167 @@
+"""The multithreaded C++ CPU backend (``dppa_kernels._cpu``, OpenMP).
+
+A drop-in for :class:`~dppa_kernels.backends.torch_backend.TorchBackend` on CPU tensors: same
+primitives, same results (thresholds, counts and masks identical; values computed in fp32 in the
+same operation order). The extension takes raw data pointers, sizes and dtype codes; this wrapper
+makes inputs contiguous, allocates every output and keeps the buffers alive during the call. It
+validates nothing user-facing (``dppa_kernels.ops`` does); internal invariants are asserted.
+Threads: ``torch.get_num_threads()`` at call time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._C import cpu_extension
+from ..reference.dppa import HIST_BINS
+from ..reference.threshold import no_keep_key
+from ..spec import COMBINES, DIVISORS, ELECTS
+from .base import ApplyPlan, Backend
+
+_KINDS = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
+_TIE_MODES = {"exact_k": 0, "ge": 1, "gt": 2}
+
+
+def _code(dtype: torch.dtype) -> int:
+    codes = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+    assert dtype in codes, f"CPU backend dtype must be bf16, fp16 or fp32, got {dtype}"
+    return codes[dtype]
+
+
+def _part_len(shape, n: int, partition: str, block_size) -> int:
+    """Partition length L (the last partition may be shorter); partitions = ceil(n / L)."""
+    if partition == "tensor":
+        return max(n, 1)
+    if partition == "row":
+        return shape[-1] if len(shape) else 1
+    assert partition == "block" and block_size and block_size >= 1, (partition, block_size)
+    return int(block_size)
+
+
+def _parts(n: int, length: int) -> int:
+    return -(-n // length) if length else 0
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self):
+        self._ext = cpu_extension()
+
+    def available(self):
+        if self._ext.available:
+            return True, ""
+        return False, f"the C++ CPU extension dppa_kernels._cpu is {self._ext.reason}"
+
+    def supports(self, device):
+        return torch.device(device).type == "cpu"
+
+    @property
+    def _m(self):
+        return self._ext.module
+
+    # ------------------------------------------------------------------ select / histogram
+    def select(self, x, k, partition, block_size, key_dtype):
+        kd = key_dtype or x.dtype
+        x = x.contiguous()
+        n = x.numel()
+        length = _part_len(tuple(x.shape), n, partition, block_size)
+        parts = _parts(n, length) if n else (1 if partition == "tensor" else 0)
+        tau = torch.full((parts,), no_keep_key(kd), dtype=torch.int64)
+        above = torch.zeros(parts, dtype=torch.int64)
+        eq = torch.zeros(parts, dtype=torch.int64)
+        if n == 0 or parts == 0:
+            return tau, above, eq
+        k = k.to(device="cpu", dtype=torch.int64).contiguous()
+        assert k.numel() == parts, f"k has {k.numel()} entries for {parts} partitions"
+        self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
+                       above.data_ptr(), eq.data_ptr(), torch.get_num_threads())
+        return tau, above, eq
+
+    def histogram(self, x, stats_dtype):
+        x = x.contiguous()
+        out = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self._m.histogram(x.data_ptr(), _code(x.dtype), x.numel(), _code(stats_dtype), out.data_ptr(),
+                          torch.get_num_threads())
+        return out
+
+    # ------------------------------------------------------------------ apply / abs_sums
+    def _desc(self, delta: torch.Tensor, plan: ApplyPlan, keep: list):
+        """PlanDesc of one model; ``keep`` holds the tensors whose pointers it carries."""
+        d = self._m.PlanDesc()
+        delta = delta.contiguous()
+        keep.append(delta)
+        n = delta.numel()
+        d.kind = _KINDS[plan.kind]
+        d.data = delta.data_ptr()
+        d.dtype = _code(delta.dtype)
+        d.scale = float(plan.scale)
+        if plan.kind == "thresholds":
+            length = _part_len(tuple(delta.shape), n, plan.partition, plan.block_size)
+            parts, levels = _parts(n, length), len(plan.factors)
+            d.L = length
+            d.key_dtype = _code(plan.key_dtype or delta.dtype)
+            d.tie_mode = _TIE_MODES[plan.tie_mode]
+            d.K = levels
+            d.factors = [float(f) for f in plan.factors]
+            for field in ("tau_key", "budget", "c_eq") if plan.tie_mode == "exact_k" else ("tau_key",):
+                t = getattr(plan, field).to(device="cpu", dtype=torch.int64).contiguous()
+                assert t.numel() == parts * levels, f"plan.{field} has {t.numel()} entries, expected {parts}x{levels}"
+                keep.append(t)
+                setattr(d, "tau" if field == "tau_key" else field, t.data_ptr())
+            d.needs_rank = plan.needs_tie_rank()
+        elif plan.kind == "dare":
+            d.k1, d.k2, d.thr32 = int(plan.k1), int(plan.k2), int(plan.thr32)
+        elif plan.kind == "mask":
+            mask = plan.mask.to(device="cpu", dtype=torch.bool).contiguous()
+            assert mask.numel() == n, f"mask has {mask.numel()} elements, delta {n}"
+            keep.append(mask)
+            d.mask = mask.view(torch.uint8).data_ptr()
+        return d
+
+    def abs_sums(self, delta, plan):
+        keep: list = []
+        d = self._desc(delta, plan, keep)
+        before, after = self._m.abs_sums(d, delta.numel(), torch.get_num_threads())
+        return float(before), float(after)
+
+    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+        assert len(deltas) == len(plans) == len(weights) and len(deltas) >= 1
+        shape, n = deltas[0].shape, deltas[0].numel()
+        keep: list = []
+        descs = []
+        for delta, plan, w in zip(deltas, plans, weights):
+            assert delta.numel() == n, f"deltas differ in size: {delta.numel()} vs {n}"
+            d = self._desc(delta, plan, keep)
+            d.weight = float(w)
+            descs.append(d)
+        c = self._m.CombineDesc()
+        c.combine = COMBINES.index(combine.combine)
+        c.elect = ELECTS.index(combine.elect)
+        c.divisor = DIVISORS.index(combine.divisor)
+        c.normalize = bool(combine.normalize)
+        c.lam = float(combine.lam)
+        s = float(sum(float(w) for w in weights))  # "sum" combine divides by Σw (1 when ~0)
+        c.sum_divisor = 1.0 if abs(s) < 1e-8 else s
+        base_ptr, base_code = 0, 0
+        if base is not None:
+            base = base.contiguous()
+            assert base.numel() == n, f"base has {base.numel()} elements, deltas {n}"
+            base_ptr, base_code = base.data_ptr(), _code(base.dtype)
+        out = torch.empty(shape, dtype=out_dtype)
+        self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, torch.get_num_threads())
+        return out
+
+    # ------------------------------------------------------------------ DELLA
+    def della_mask(self, delta, density, epsilon, k1, k2):
+        if density >= 1.0:
+            return torch.ones(delta.shape, dtype=torch.bool)
+        if density <= 0.0 or delta.numel() == 0:
+            return torch.zeros(delta.shape, dtype=torch.bool)
+        delta = delta.contiguous()
+        cols = delta.shape[-1] if delta.dim() else 1
+        out = torch.empty(delta.shape, dtype=torch.bool)
+        self._m.della_mask(delta.data_ptr(), _code(delta.dtype), delta.numel(), cols, float(density),
+                           float(epsilon), int(k1), int(k2), out.view(torch.uint8).data_ptr(),
+                           torch.get_num_threads())
+        return out
