@@ -165,7 +165,7 @@ def magnitude_threshold(
     V.check_sparsify_spec(spec, "arguments")
     name = _prepare([x], "x", check_finite, backend)
     kd = key_dtype or x.dtype
-    if name == "reference":
+    if name == "reference" or x.numel() == 0:
         res = R.magnitude_threshold_ref(x, density, partition=partition, block_size=block_size,
                                         count_rule=count_rule, key_dtype=key_dtype)
     else:
@@ -234,6 +234,8 @@ def prune(
 
 
 def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype):
+    if deltas[0].numel() == 0:  # nothing to select or apply; backends need not handle it
+        return torch.empty(deltas[0].shape, dtype=out_dtype, device=deltas[0].device)
     be = get_backend(be_name)
     deltas = [d.contiguous() for d in deltas]
     plans = [make_plan(be, d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
