@@ -118,11 +118,11 @@ inline int64_t compact(uint32_t* key, int64_t n, int low, uint32_t want) {
 #if defined(__AVX512F__)
   // compress in registers (a compressing store to memory is slow on some cores); writing 16 lanes
   // at key + c <= key + j never clobbers keys not yet loaded
-  const __m512i w = _mm512_set1_epi32(int(want));
-  const __m128i sh = _mm_cvtsi32_si128(low);
+  // (v >> low) == want  <=>  v - (want << low) < 2^low (unsigned)
+  const __m512i base = _mm512_set1_epi32(int(want << low)), width = _mm512_set1_epi32(int(1u << low));
   for (; j + 16 <= n; j += 16) {
     const __m512i v = _mm512_loadu_si512(key + j);
-    const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_srl_epi32(v, sh), w);
+    const __mmask16 m = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(v, base), width);
     _mm512_storeu_si512(key + c, _mm512_mask_compress_epi32(v, m, v));
     c += __builtin_popcount(unsigned(m));
   }
