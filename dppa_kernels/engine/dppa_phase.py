@@ -39,14 +39,20 @@ def collect(plan, stream, labels, *, backend: str, sdtype: torch.dtype, resident
 
     ``stream`` yields (task, raw tensors) for the unit tasks, on the device.
     """
+    units = [t.name for t in plan.tasks if t.unit]
+    # One block for all histograms: thousands of small long-lived buffers interleaved with the
+    # streamed tensors would fragment the heap and make RSS grow with the model.
+    buf = torch.zeros((len(plan.models), len(units), 32768), dtype=torch.int32)
+    slot = {n: j for j, n in enumerate(units)}
     hists = {i: {} for i in range(len(plan.models))}
     kept = {}
     for task, raw in stream:
         base, deltas = form_deltas(task, labels, raw)
         del raw
         for i, d in enumerate(deltas):
-            hists[i][task.name] = tensor_histogram(d, stats_dtype=sdtype, check_finite=False,
-                                                   backend=backend).to(torch.int32)
+            h = buf[i, slot[task.name]]
+            h.copy_(tensor_histogram(d, stats_dtype=sdtype, check_finite=False, backend=backend))
+            hists[i][task.name] = h
         if resident:
             kept[task.name] = (base, deltas)
         del base, deltas
