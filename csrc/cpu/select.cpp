@@ -53,21 +53,26 @@ void parallel_hist(const void* x, int64_t s, int64_t n, int shift, int64_t nbins
     std::vector<uint32_t> mine(size_t(nbins) * lanes, 0u);
     bufs[t] = mine.data();
     uint32_t* h = mine.data();
-    const int64_t lo = s + n * t / T, hi = s + n * (t + 1) / T;
-    if constexpr (Filter) {
-      for (int64_t i = lo; i < hi; ++i) {
-        uint32_t key = mag_key<D, KD>(x, i);
-        if ((key >> fshift) == fval) ++h[(key >> shift) & mask];
+    // dynamic chunks: a thread that loses its core to another process does not hold up the rest
+    constexpr int64_t kChunk = int64_t(1) << 20;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
+      const int64_t lo = s + c * kChunk, hi = std::min(s + n, lo + kChunk);
+      if constexpr (Filter) {
+        for (int64_t i = lo; i < hi; ++i) {
+          uint32_t key = mag_key<D, KD>(x, i);
+          if ((key >> fshift) == fval) ++h[(key >> shift) & mask];
+        }
+      } else {
+        int64_t i = lo;
+        for (; i + 4 <= hi; i += 4) {
+          ++h[(((mag_key<D, KD>(x, i) >> shift) & mask) << 2) | 0];
+          ++h[(((mag_key<D, KD>(x, i + 1) >> shift) & mask) << 2) | 1];
+          ++h[(((mag_key<D, KD>(x, i + 2) >> shift) & mask) << 2) | 2];
+          ++h[(((mag_key<D, KD>(x, i + 3) >> shift) & mask) << 2) | 3];
+        }
+        for (; i < hi; ++i) ++h[((mag_key<D, KD>(x, i) >> shift) & mask) << 2];
       }
-    } else {
-      int64_t i = lo;
-      for (; i + 4 <= hi; i += 4) {
-        ++h[(((mag_key<D, KD>(x, i) >> shift) & mask) << 2) | 0];
-        ++h[(((mag_key<D, KD>(x, i + 1) >> shift) & mask) << 2) | 1];
-        ++h[(((mag_key<D, KD>(x, i + 2) >> shift) & mask) << 2) | 2];
-        ++h[(((mag_key<D, KD>(x, i + 3) >> shift) & mask) << 2) | 3];
-      }
-      for (; i < hi; ++i) ++h[((mag_key<D, KD>(x, i) >> shift) & mask) << 2];
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
