@@ -14,8 +14,9 @@ Config keys (the ``dppa merge`` CLI's): per model or global ``densities`` (one p
 ``density`` for one level, or ``sparsity`` = 1 − density) and ``alphas`` (one per band); global
 ``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``, ``density_clamp``, ``tie_mode``,
 ``count_rule``, ``band_combine``, ``stats_dtype``, ``nonunit_mode`` (dense | official | base |
-prune, see ``methods.nonunit_spec``), ``unit_pattern``, ``layer_pattern``, ``compat``. They must be plain values (no per-tensor filters or layer gradients: mergekit would
-read a list as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
+prune, see ``methods.nonunit_spec``), ``unit_pattern``, ``layer_pattern``, ``compat``.
+They must be plain values (no per-tensor filters or layer gradients: mergekit would read a list
+as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
 parameters. Only ``models:`` configs are supported (slices may map a tensor to another layer).
 """
 
