@@ -179,7 +179,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "mergekit": ["mergekit>=0.1.4"],
+        "mergekit": ["mergekit>=0.1.5"],
         "peft": ["peft>=0.18"],
         "pat": ["transformers>=4.45"],
         "test": ["pytest", "hypothesis", "pybind11"],
