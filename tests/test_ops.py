@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta
+from helpers import assert_ulp_close, DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta
 
 import dppa_kernels as dk
 from dppa_kernels.backends.registry import availability
@@ -22,20 +22,7 @@ def backend(request):
     return _backend(request.param)
 
 
-def _ulp_close(a, b, dtype):
-    """Within one output ulp of the float64 reference, plus the fp32 reduction error.
-
-    Fast backends compute in fp32 and round once; the reference computes in float64 and rounds
-    once, so a value may land on the neighbouring representable number (1 ulp of the output
-    dtype). Sums of M terms in fp32 add a few fp32 ulps at the scale of the largest value
-    (quack-style tolerance at max|ref|).
-    """
-    a, b = a.double(), b.double()
-    scale = b.abs().max() if b.numel() else torch.tensor(0.0)
-    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * scale + 1e-30
-    bad = (a - b).abs() > tol
-    assert not bool(bad.any()), (f"{int(bad.sum())} mismatches, first at {bad.nonzero()[:3].tolist()}: "
-                                 f"{a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
+_ulp_close = assert_ulp_close
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -16,7 +16,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
+from helpers import assert_ulp_close, DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
 
 import dppa_kernels as dk  # noqa: E402
 from dppa_kernels.backends.base import ApplyPlan  # noqa: E402
@@ -58,15 +58,7 @@ def _dev(t):
     return t.to(DEVICE)
 
 
-def _ulp_close(a, b, dtype):
-    """Within one output ulp of the float64 reference plus the fp32 reduction error (see test_ops);
-    under the interpreter fp32 -> bf16 stores truncate, which stays within that ulp."""
-    a, b = a.double().cpu(), b.double().cpu()
-    scale = b.abs().max() if b.numel() else torch.tensor(0.0)
-    tol = torch.finfo(dtype).eps * b.abs() + 8 * torch.finfo(torch.float32).eps * scale + 1e-30
-    bad = (a - b).abs() > tol
-    assert not bool(bad.any()), (f"{int(bad.sum())} mismatches, first at {bad.nonzero()[:3].tolist()}: "
-                                 f"{a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
+_ulp_close = assert_ulp_close
 
 
 # ---------------------------------------------------------------- select
