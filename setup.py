@@ -105,6 +105,32 @@ def cuda_extension():
     )
 
 
+class BuildExtLoud(build_ext):
+    """build_ext that never leaves a stale optional module behind a failed compile.
+
+    setuptools only warns quietly when an ``optional`` extension fails; an older .so from an
+    earlier build would then still load. Remove it and record the failure for the loader.
+    """
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            if not getattr(ext, "optional", False):
+                raise
+            for path in (Path(self.get_ext_fullpath(ext.name)),
+                         ROOT / Path(self.get_ext_filename(ext.name))):
+                if path.exists():
+                    path.unlink()
+            info_path = ROOT / "dppa_kernels" / "_build_info.json"
+            info = json.loads(info_path.read_text()) if info_path.exists() else {}
+            info["cpu"] = f"compilation failed: {exc.__class__.__name__}: {exc}"
+            info_path.write_text(json.dumps(info, indent=1))
+            print(f"dppa-kernels: WARNING: building {ext.name} failed ({exc}); the C++ CPU backend "
+                  "will be unavailable and the torch backend used instead", file=sys.stderr)
+            raise
+
+
 def _extensions_and_cmdclass():
     info = {
         "version": VERSION,
@@ -116,7 +142,7 @@ def _extensions_and_cmdclass():
             "DPPA_CUDA_ARCHS": CUDA_ARCHS,
         },
     }
-    exts, cmdclass = [], {"build_ext": build_ext}
+    exts, cmdclass = [], {"build_ext": BuildExtLoud}
     if SKIP_CPP:
         info["cpu"] = "skipped: DPPA_SKIP_CPP_BUILD=1"
         info["cuda"] = "skipped: DPPA_SKIP_CPP_BUILD=1"
