@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..backends.registry import resolve
+from .background_writer import BackgroundWriter
 from .config import is_dppa, load_config
 from .compute import form_deltas, merge_tensor, realised_density, specs_for
 from .dppa_phase import allocate, collect, resident_fits, stats_dtype, unit_report
@@ -105,7 +106,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
     try:
         journal = Journal(tmp, _fingerprint(cfg, plan, opts))
         dropped = journal.load_verified() if resuming else []
-        writer = ShardWriter(tmp, plan, journal)
+        writer = BackgroundWriter(ShardWriter(tmp, plan, journal))
         todo = [t for t in plan.tasks if not writer.is_done(t.shard)]
         pin = device.type == "cuda"
 
@@ -147,6 +148,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
             bar.update(1)
         stream.close()
         bar.close()
+        writer.join()  # every shard written and committed before the index
         timings["merge_s"] = time.perf_counter() - t2
         writer.write_index()
         out_name = str(plan.tasks[0].out_dtype).replace("torch.", "") if plan.tasks else None
