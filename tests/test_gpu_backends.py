@@ -32,9 +32,11 @@ GPU_BACKENDS = ["cuda", "triton"]
 @pytest.fixture(params=GPU_BACKENDS)
 def backend(request):
     if request.param == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        # Interpreted Triton on CPU tensors is tested by test_triton_backend.py; here only the GPU.
         pytest.skip("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to test Triton on the GPU")
     ok, why = availability()[request.param]
     if not ok:
+        # No GPU (or extension) on this machine: these tests need a CUDA device by definition.
         pytest.skip(f"{request.param} backend not available: {why}")
     return request.param
 
