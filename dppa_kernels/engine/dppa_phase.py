@@ -12,6 +12,7 @@ import torch
 from ..ops import dp_densities, tensor_histogram
 from ..spec import SparsifySpec
 from .compute import STATS_DTYPES, band_stats, dppa_alphas, form_deltas
+from .workspace import Workspace
 from .errors import MergeError
 
 
@@ -46,8 +47,9 @@ def collect(plan, stream, labels, *, backend: str, sdtype: torch.dtype, resident
     slot = {n: j for j, n in enumerate(units)}
     hists = {i: {} for i in range(len(plan.models))}
     kept = {}
+    ws = None if resident else Workspace()
     for task, raw in stream:
-        base, deltas = form_deltas(task, labels, raw)
+        base, deltas = form_deltas(task, labels, raw, ws)
         del raw
         for i, d in enumerate(deltas):
             h = buf[i, slot[task.name]]

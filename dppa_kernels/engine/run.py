@@ -29,6 +29,7 @@ from .plan import build_plan
 from .prefetch import prefetch
 from .shards import JOURNAL, Journal, ShardWriter, write_json_atomic
 from .source import ModelSource
+from .workspace import Workspace
 
 ALLOC_CACHE = "dppa_allocation.json"
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -49,6 +50,7 @@ class MergeOptions:
     truncate_vocab: bool = False
     resident: str = "auto"
     prefetch: int = 2
+    tensor_order: str = "natural"  # or "name": mergekit's output order (plan.build_plan)
 
 
 def _device(name: str) -> torch.device:
@@ -70,6 +72,8 @@ def _fingerprint(cfg, plan, opts: MergeOptions) -> str:
     data = {"config": cfg.model_dump(mode="json"), "seed": opts.seed, "out_dtype": opts.out_dtype,
             "shard_size": opts.shard_size, "truncate_vocab": opts.truncate_vocab, "version": __version__,
             "inputs": [s.fingerprint() for s in [plan.base] + plan.models]}
+    if opts.tensor_order != "natural":
+        data["tensor_order"] = opts.tensor_order
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -98,7 +102,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
         if not os.path.isdir(tok):
             raise MergeError(f"tokenizer_source {cfg.tokenizer_source!r}: folder {tok} does not exist")
     plan = build_plan(cfg, base, models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
-                      truncate_vocab=opts.truncate_vocab)
+                      truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
     tmp, resuming = check_output(opts.out, [(s.label, s.path) for s in [base] + models],
                                  force=opts.force, resume=opts.resume)
     timings["plan_s"] = time.perf_counter() - t0
@@ -111,7 +115,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
         pin = device.type == "cuda"
 
         def load(task):
-            return [s.read(task.name, pin=pin) for s in [base] + models]
+            return [s.read(task.name, pin=pin, mapped=not pin) for s in [base] + models]
 
         report_tensors, dppa_report, dens, resident = {}, None, None, {}
         if is_dppa(cfg.merge_method):
@@ -123,6 +127,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
         bar = _bar(opts, len(todo), "merge" if dens is None else "phase 2/2 merge")
         reads = [t for t in todo if t.name not in resident]
         stream = prefetch(reads, load, device, depth=opts.prefetch)
+        ws = Workspace(device)
         for task in todo:
             if task.name in resident:
                 b, deltas = resident.pop(task.name)
@@ -130,7 +135,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
                 got, raw = next(stream)
                 assert got is task
                 if task.floating:
-                    b, deltas = form_deltas(task, labels, raw)
+                    b, deltas = form_deltas(task, labels, raw, ws)
                 else:
                     b, deltas = raw[0], []
                 del raw
@@ -143,6 +148,8 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
                     report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name)
             else:
                 out = b
+            # the writer holds the tensor past this iteration: it must not live in the workspace
+            assert not ws.owns(out), f"tensor {task.name!r}: merge output aliases a workspace buffer"
             writer.add(task, out.cpu())
             del b, deltas, out
             bar.update(1)

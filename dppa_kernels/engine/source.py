@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .errors import MergeError
-from .st_format import TensorInfo, read_header, read_tensor
+from .st_format import TensorInfo, map_tensor, read_header, read_tensor
 
 ST_INDEX, ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 PT_INDEX, PT_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -99,8 +99,9 @@ class ModelSource:
     def files(self) -> list[str]:
         return sorted({i.file for i in self.tensors.values()})
 
-    def read(self, name: str, *, pin: bool = False) -> torch.Tensor:
-        """A fresh CPU tensor with the bytes of ``name`` (never a view into the input file)."""
+    def read(self, name: str, *, pin: bool = False, mapped: bool = False) -> torch.Tensor:
+        """A CPU tensor with the bytes of ``name``: a fresh (pinned if ``pin``) copy, or with
+        ``mapped`` a private map of the file's bytes (no copy; writes never reach the file)."""
         info = self.tensors.get(name)
         if info is None:
             raise MergeError(f"model {self.label!r}: tensor {name!r} is missing")
@@ -115,6 +116,8 @@ class ModelSource:
             except OSError as exc:
                 raise MergeError(f"model {self.label!r}: cannot open {info.file}: {exc.strerror}") from None
         try:
+            if mapped and not pin:
+                return map_tensor(f, info)
             return read_tensor(f, info, pin=pin)
         except OSError as exc:
             raise MergeError(f"model {self.label!r}: reading tensor {name!r} from {info.file} failed: "
