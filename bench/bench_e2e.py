@@ -7,6 +7,7 @@ when absent) and appends wall time and peak RSS to ``bench/results/e2e_cpu.csv``
 
     python bench/bench_e2e.py                 # ~270M parameters per model
     python bench/bench_e2e.py --double        # also the 2x deeper model (flat-RSS check)
+    python bench/bench_e2e.py --repeat 5      # five runs of each, for medians
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--only", default="", help="comma list of tool:method to run, e.g. dppa:dppa")
     ap.add_argument("--csv", default=os.path.join(HERE, "results", "e2e_cpu.csv"))
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each (tool, method); one CSV row per run")
     args = ap.parse_args()
     info = machine()
     rows = []
@@ -141,13 +143,14 @@ def main() -> None:
                 cmd = [MERGEKIT, cfg, out, "--quiet"]
             else:
                 cmd = [sys.executable, "-m", "dppa_kernels", "merge", cfg, "--out", out, "--no-progress"]
-            wall, rss, rc = timed(cmd)
-            row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), tool=tool, method=method,
-                       params_m=round(n_params(layers) / 1e6, 1), models=4, dtype="bfloat16", wall_s=round(wall, 2),
-                       peak_rss_mb=round(rss, 1), rc=rc, **info)
-            print(row, flush=True)
-            rows.append(row)
-            shutil.rmtree(out, ignore_errors=True)
+            for _ in range(args.repeat):
+                wall, rss, rc = timed(cmd)
+                row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), tool=tool, method=method,
+                           params_m=round(n_params(layers) / 1e6, 1), models=4, dtype="bfloat16",
+                           wall_s=round(wall, 2), peak_rss_mb=round(rss, 1), rc=rc, **info)
+                print(row, flush=True)
+                rows.append(row)
+                shutil.rmtree(out, ignore_errors=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
