@@ -22,6 +22,7 @@ from .source import ModelSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+TENSOR_ORDERS = ("natural", "name")
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output)\.weight$")
 
 
@@ -121,7 +122,11 @@ def _check_params(task: TensorTask, method: str, n: int) -> None:
 
 
 def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: Optional[str],
-               shard_size: int, truncate_vocab: bool) -> MergePlan:
+               shard_size: int, truncate_vocab: bool, order: str = "natural") -> MergePlan:
+    """``order``: output tensor order (and so shard contents): "natural" (layer 2 before layer 10)
+    or "name" (plain string order, the order mergekit 0.1.5's executor writes tensors in)."""
+    if order not in TENSOR_ORDERS:
+        raise MergeError(f"tensor order must be one of {', '.join(TENSOR_ORDERS)}, got {order!r}")
     cuts = _check_inputs(base, models, truncate_vocab)
     glob = cfg.parameters or {}
     layer_pat = glob.get("layer_pattern", DEFAULT_LAYER_PATTERN)
@@ -134,7 +139,7 @@ def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: 
     work = DTYPES[cfg.dtype] if cfg.dtype else None
     outd = DTYPES[out_dtype] if out_dtype else (DTYPES[cfg.out_dtype] if cfg.out_dtype else None)
     tasks = []
-    for name in sorted(base.tensors, key=_natural_key):
+    for name in sorted(base.tensors, key=_natural_key if order == "natural" else None):
         bi = base.tensors[name]
         floating = bi.dtype.is_floating_point
         m = re.search(layer_pat, name)
