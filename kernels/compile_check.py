@@ -4,7 +4,10 @@ The interpreter accepts programs the GPU compiler rejects (and vice versa), so C
 kernel, in representative specialisations, through triton's real pipeline (TTIR → PTX → cubin with
 the bundled ptxas). No driver is needed. Must run in a process where ``TRITON_INTERPRET`` is unset:
 
-    python -m dppa_kernels.kernels.compile_check [sm]      # default sm 90
+    python -m dppa_kernels.kernels.compile_check [sm [name]]   # default sm 90; name: only kernels matching it
+
+Kernels with float64 arithmetic that must round like the reference (``kernels.della``) also have
+their PTX checked: no fma, every mul and add with an explicit round-to-nearest (``check_fp64_rounding``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
+FP64_NO_FMA = "fp64 without fma"  # marker: the PTX must round every fp64 mul and add (kernels.della)
+
 
 def _cases():
+    """(kernel, signature, constexprs[, options[, ptx check]]) of every compiled specialisation."""
     from . import apply as A
+    from . import della as DL
     from . import histogram as H
     from . import select as S
 
@@ -47,10 +54,55 @@ def _cases():
            dict(KIND=1, KEY_MODE=0, NLEV=2, RANKED=2, PART=1, BLOCK=2048))
     yield (A._tie_count_kernel, {"X_ptr": "*fp32", "n": "i64", "META": "*i64", "COUNTS": "*i64", "FIRST": "*i64"},
            dict(KEY_MODE=1, NLEV=2, RANKED=3, PART=1, BLOCK=2048))
+    # DELLA: int32 composites (fp16 tiles of 16 short rows, bf16 rows of 16384), int64 (fp32 rows of
+    # 4096), the ranked path; launched without fp fusion, as della_mask does
+    dsig = {"X_ptr": None, "OUT_ptr": "*u8", "n_rows": "i32", "cols": "i32", "lo_bits": "i64", "span_bits": "i64",
+            "k1": "i64", "k2": "i64"}
+    for xt, mode, nbits, log_rows, log_block, warps in (("*fp16", 0, 15, 4, 7, 4), ("*bf16", 0, 15, 0, 14, 16),
+                                                        ("*fp32", 1, 31, 0, 12, 8)):
+        yield (DL._della_sort_kernel, dict(dsig, X_ptr=xt),
+               dict(KEY_MODE=mode, KEY_BITS=nbits, WIDE=nbits + log_block > 30, LOG_ROWS=log_rows,
+                    LOG_BLOCK=log_block), dict(num_warps=warps, enable_fp_fusion=False), FP64_NO_FMA)
+    # rows of one column: triton turns cols == 1 into a constant (rn = 0.5, no division)
+    yield (DL._della_sort_kernel, dict(dsig, X_ptr="*bf16"),
+           dict(cols=1, KEY_MODE=0, KEY_BITS=15, WIDE=False, LOG_ROWS=11, LOG_BLOCK=1),
+           dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)
+    yield (DL._della_ranked_kernel, {"ORDER_ptr": "*i64", "OUT_ptr": "*u8", "base": "i64", "n": "i64", "cols": "i32",
+                                     "lo_bits": "i64", "span_bits": "i64", "k1": "i64", "k2": "i64"},
+           dict(BLOCK=DL.RANKED_BLOCK), dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)
 
 
-def compile_all(sm: int = 90) -> int:
-    """Compile every case for ``sm``; returns the number of kernels compiled, raises on error."""
+def check_fp64_rounding(ptx: str) -> None:
+    """The fp64 arithmetic of ``kernels.della`` rounds like the reference: no fma, and every mul and
+    add carries ``.rn`` (ptxas fuses only mul/add without a rounding modifier; fp64 div is always
+    ``div.rn.f64``)."""
+    if "fma.rn.f64" in ptx or "mul.f64" in ptx or "add.f64" in ptx:
+        raise AssertionError("fp64 fma, or a mul/add that ptxas may contract, in a kernel that must "
+                             "round every fp64 operation (launch it with enable_fp_fusion=False)")
+    for op in ("mul.rn.f64", "add.rn.f64"):
+        if op not in ptx:
+            raise AssertionError(f"{op} missing from the PTX of a DELLA kernel")
+
+
+def fused_fp64_fma_count(sm: int = 90) -> int:
+    """fma.rn.f64 in the PTX of the DELLA sort kernel compiled *with* fp fusion (triton's default).
+
+    Nonzero on triton 3.6: triton contracts ``lo + rn * span`` into an fma unless told not to, which
+    is why ``kernels.della`` launches with ``enable_fp_fusion=False``.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, sig, consts, opts, _ = next(c for c in _cases() if len(c) > 4)
+    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options={**opts, "enable_fp_fusion": True})
+    return k.asm["ptx"].count("fma.rn.f64")
+
+
+def compile_all(sm: int = 90, only: str = "") -> int:
+    """Compile every case for ``sm`` (only kernels whose name contains ``only``); returns the number of
+    kernels compiled, raises on error."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the interpreter replaces the compiler)")
     import triton
@@ -58,15 +110,24 @@ def compile_all(sm: int = 90) -> int:
     from triton.compiler import ASTSource
 
     count = 0
-    for fn, sig, consts in _cases():
+    for case in _cases():
+        fn, sig, consts = case[:3]
+        if only not in fn.__name__:
+            continue
+        opts = {"num_warps": 8, **(case[3] if len(case) > 3 else {})}
         full = dict(sig)
         full.update({k: "constexpr" for k in consts})
         src = ASTSource(fn, full, constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", sm, 32), options={"num_warps": 8})
+        k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=opts)
+        if len(case) > 4 and case[4] == FP64_NO_FMA:
+            check_fp64_rounding(k.asm["ptx"])
         count += 1
     return count
 
 
 if __name__ == "__main__":
-    n = compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    sm = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    n = compile_all(sm, sys.argv[2] if len(sys.argv) > 2 else "")
     print(f"compiled {n} Triton kernels")
+    if n and (len(sys.argv) <= 2 or sys.argv[2] in "_della_sort_kernel"):
+        print(f"della fp64 fma with triton's default fp fusion: {fused_fp64_fma_count(sm)}; as launched: 0")

@@ -9,6 +9,8 @@
 * ``histogram``: the same one-pass 32768-bin kernel (256 KB output).
 * ``apply`` / ``abs_sums``: the fused Triton kernels when triton is available, else the torch backend
   (the merge pass is elementwise: CUDA C++ would not beat the Triton kernel by much).
+* ``della_mask``: the Triton kernel (``kernels.della``) when triton is available; otherwise the
+  attribute is None and ``ops`` uses the reference's mask.
 
 The extension takes raw pointers, sizes and the current CUDA stream as an integer; tensors are
 validated and allocated here (torch's caching allocator, on the current stream). Launches happen
@@ -139,3 +141,9 @@ class CudaBackend(Backend):
 
     def abs_sums(self, delta, plan):
         return self._elementwise().abs_sums(delta, plan)
+
+    @property
+    def della_mask(self):
+        """The Triton backend's ``della_mask`` (bit-identical to every backend), or None without triton."""
+        fb = self._elementwise()
+        return fb.della_mask if fb.name == "triton" else None

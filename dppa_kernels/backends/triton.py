@@ -6,7 +6,9 @@ a device guard; the only synchronisations are the copies of results that must re
 (select's τ/counts, the histogram, the L1 sums). No global mutable state.
 
 Extra memory per call (no per-element temporaries): select O(P) int64 + a ≤ 64 K-key sample;
-histogram 256 KB; apply O(P·K + N/BLOCK) int64 of plan metadata; the output.
+histogram 256 KB; apply O(P·K + N/BLOCK) int64 of plan metadata; the output. ``della_mask``: the
+bool mask only for rows sorted on-chip; about 32 B per element of a row batch for longer rows
+(``kernels.della``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from .base import Backend
 
 def _import_kernels():
     from ..kernels import apply as kapply  # noqa: F401  (imports triton)
+    from ..kernels import della as kdella
     from ..kernels import histogram as khist
     from ..kernels import select as kselect
 
-    return kselect, khist, kapply
+    return kselect, khist, kapply, kdella
 
 
 def _interpreting() -> bool:
@@ -72,3 +75,7 @@ class TritonBackend(Backend):
     def abs_sums(self, delta, plan):
         with _guard(delta):
             return self._mods[2].abs_sums(delta, plan)
+
+    def della_mask(self, delta, density, epsilon, k1, k2):
+        with _guard(delta):
+            return self._mods[3].della_mask(delta, density, epsilon, k1, k2)
