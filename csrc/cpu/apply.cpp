@@ -29,6 +29,7 @@ struct Model {
   const int64_t *tau = nullptr, *budget = nullptr, *ceq = nullptr;
   bool rank_pass = false;
   std::vector<int64_t> prefix;  // [chunk][K]: ties equal to τ_j seen in the partition before the chunk
+  std::vector<int64_t> tail;    // [chunk][K]: ties equal to τ_j inside the chunk (its last partition)
 
   // exact_k keeps all ties of a level when its budget covers them, none when it is 0; only a
   // partial budget needs the running rank of each tie.
@@ -47,10 +48,16 @@ inline FT fac(const Model& m, int j) {
   else return m.facd[j];
 }
 
+// Keys equal to tau in x[a, b), counted in 32-bit lanes per block (vectorises without widening).
 template <int D, int KD>
 int64_t count_eq(const void* x, int64_t a, int64_t b, uint32_t tau) {
   int64_t c = 0;
-  for (int64_t i = a; i < b; ++i) c += mag_key<D, KD>(x, i) == tau;
+  for (int64_t s = a; s < b; s += int64_t(1) << 20) {
+    const int64_t e = std::min(b, s + (int64_t(1) << 20));
+    uint32_t c32 = 0;
+    for (int64_t i = s; i < e; ++i) c32 += mag_key<D, KD>(x, i) == tau;
+    c += c32;
+  }
   return c;
 }
 
@@ -146,6 +153,52 @@ void tile_values(const void* x, float scale, int64_t t0, int64_t len, const floa
   for (int64_t i = 0; i < len; ++i) v[i] = (load_f32<D>(x, t0 + i) * f[i]) * scale;
 }
 
+// One-level plans (magnitude, TIES, breadcrumbs' upper level aside) in one loop per segment: the
+// key, the factor and the value v = (Δ·f)·scale straight from Δ, without the key and factor tile
+// passes. A segment whose exact-k budget runs out inside it takes the general path.
+template <int D, int KD>
+void thr1_values_segment(const Model& m, int64_t a, int64_t len, int64_t p, int64_t* rank, uint32_t* key, float* f,
+                         float* __restrict v, int forced) {
+  const void* x = m.x;
+  const int64_t tau = m.tau[p];
+  const uint32_t t32 = uint32_t(tau);
+  int md = forced >= 0 ? forced : m.mode(p, 0);
+  if (md == kModeRank) {
+    const int64_t budget = m.budget[p];
+    const int64_t cnt = count_eq<D, KD>(x, a, a + len, t32);
+    const int64_t r0 = rank[0];
+    if (r0 + cnt <= budget) md = kModeGe;
+    else if (r0 >= budget) md = kModeGt;
+    if (md == kModeRank) {  // rare: the general path ranks each tie (and advances rank[0] itself)
+      thr_segment<D, KD, float>(m, a, len, p, rank, key, f);
+      tile_values<D>(x, m.scale, a, len, f, v);
+      return;
+    }
+    rank[0] = r0 + cnt;
+  }
+  const uint32_t lo = uint32_t(md == kModeGe ? tau : tau + 1);
+  const float fj = m.facf[0], scale = m.scale;
+  for (int64_t i = 0; i < len; ++i) {
+    const float fi = mag_key<D, KD>(x, a + i) >= lo ? fj : 0.f;
+    v[i] = (load_f32<D>(x, a + i) * fi) * scale;
+  }
+}
+
+// forced >= 0: the mode of the whole chunk, known from its tie counts (no per-segment counting).
+template <int D, int KD>
+void thr1_values(const Model& m, int64_t t0, int64_t len, int64_t* rank, uint32_t* key, float* f, float* v,
+                 int forced) {
+  const int64_t L = m.parts.L;
+  int64_t a = t0;
+  while (a < t0 + len) {
+    const int64_t p = a / L, pend = std::min(m.parts.n, (p + 1) * L);
+    const int64_t b = std::min(t0 + len, pend);
+    thr1_values_segment<D, KD>(m, a, b - a, p, rank, key + (a - t0), f + (a - t0), v + (a - t0), forced);
+    if (b == pend) rank[0] = 0;
+    a = b;
+  }
+}
+
 // Chunks of the flat range that threads take whole: a multiple of the tile, a function of n only
 // (so per-chunk partial sums, hence abs_sums, do not depend on the thread count), ~256 per tensor.
 struct Chunks {
@@ -164,7 +217,8 @@ void tie_prefix(Model& m, const Chunks& ch, int nt) {
   const int64_t n = m.parts.n, L = m.parts.L;
   m.prefix.assign(size_t(ch.count * K), 0);
   if (!m.rank_pass) return;
-  std::vector<int64_t> tail(size_t(ch.count * K), 0);
+  m.tail.assign(size_t(ch.count * K), 0);
+  std::vector<int64_t>& tail = m.tail;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t c = 0; c < ch.count; ++c) {
     const int64_t s = c * ch.size, e = std::min(n, s + ch.size);
@@ -207,6 +261,20 @@ Model make_model(const PlanDesc& pd, int64_t n) {
     check(pd.kind != kMask || pd.mask != 0, "mask plan has a mask");
   }
   return m;
+}
+
+// The tie mode of a one-level exact-k model over a whole chunk [s, e) inside one partition, when
+// the chunk's tie counts decide it: every tie kept (the budget covers the chunk's last tie), or none
+// (spent before the chunk). -1: decide per segment.
+int chunk_mode(const Model& m, int64_t c, int64_t s, int64_t e) {
+  if (m.pd->kind != kThresholds || m.K != 1) return -1;
+  const int64_t p = s / m.parts.L;
+  if ((e - 1) / m.parts.L != p) return -1;
+  const int md = m.mode(p, 0);
+  if (md != kModeRank) return md;
+  const int64_t r0 = m.prefix[c], budget = m.budget[p];
+  if (r0 >= budget) return kModeGt;
+  return r0 + m.tail[c] <= budget ? kModeGe : -1;
 }
 
 // out[t0 .. t0 + len) = cast(base + lam · mixed).
@@ -283,11 +351,27 @@ void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, cons
 }
 
 // One tile: every model's values into vbuf rows, then the combine into mix, then the store.
-void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank, uint32_t* key, float* f,
-              float* vbuf, float* mix, float* aux) {
+void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank, const int* forced, uint32_t* key,
+              float* f, float* vbuf, float* mix, float* aux) {
   const int M = int(cx.models.size());
   for (int i = 0; i < M; ++i) {
     const Model& m = cx.models[i];
+    if (m.pd->kind == kThresholds && m.K == 1) {
+      dispatch_d_kd(m.pd->dtype, m.pd->key_dtype, [&](auto d, auto kd) {
+        thr1_values<decltype(d)::value, decltype(kd)::value>(m, t0, len, rank.data() + i * kMaxLevels, key, f,
+                                                             vbuf + i * kTile, forced[i]);
+      });
+      continue;
+    }
+    if (m.pd->kind == kDense) {  // f = 1: v = (Δ·1)·scale without the factor tile
+      dispatch_d(m.pd->dtype, [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        float* __restrict v = vbuf + i * kTile;
+        const float scale = m.scale;
+        for (int64_t e = 0; e < len; ++e) v[e] = (load_f32<D>(m.x, t0 + e) * 1.f) * scale;
+      });
+      continue;
+    }
     tile_factors<float>(m, t0, len, rank.data() + i * kMaxLevels, key, f);
     dispatch_d(m.pd->dtype, [&](auto d) { tile_values<decltype(d)::value>(m.x, m.scale, t0, len, f, vbuf + i * kTile); });
   }
@@ -336,13 +420,16 @@ void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, c
     std::vector<float> f(kTile), vbuf(size_t(M) * kTile), mix(kTile), aux(kTile);
     std::vector<uint32_t> key(kTile);
     std::vector<int64_t> rank(size_t(M) * kMaxLevels);
+    std::vector<int> forced(size_t(M), -1);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < ch.count; ++c) {
       for (int i = 0; i < M; ++i)
         for (int j = 0; j < cx.models[i].K; ++j) rank[i * kMaxLevels + j] = cx.models[i].prefix[c * cx.models[i].K + j];
       const int64_t s = c * ch.size, e = std::min(n, s + ch.size);
+      for (int i = 0; i < M; ++i) forced[i] = chunk_mode(cx.models[i], c, s, e);
       for (int64_t t0 = s; t0 < e; t0 += kTile)
-        run_tile(cx, t0, std::min(kTile, e - t0), rank, key.data(), f.data(), vbuf.data(), mix.data(), aux.data());
+        run_tile(cx, t0, std::min(kTile, e - t0), rank, forced.data(), key.data(), f.data(), vbuf.data(), mix.data(),
+                 aux.data());
     }
   }
 }
