@@ -1,4 +1,4 @@
-"""GPU benchmark: exact thresholds and fused prune+merge vs torch / mergekit baselines.
+"""GPU benchmark: exact thresholds, DELLA masks and fused prune+merge vs torch / mergekit baselines.
 
 One run on one GPU:
 
@@ -7,7 +7,11 @@ One run on one GPU:
    4096×4096, 4096×14336 and 128256×4096: ours (cuda, triton) vs ``torch.topk``, ``torch.kthvalue``
    and the ``torch.argsort``-based mask of mergekit's ``magnitude``; µs, GB/s on one read of Δ,
    % of the copy bandwidth, speedup of ours over each baseline;
-3. fused prune + merge of M = 3 deltas and a base (TIES at density 0.2; DPPA with two bands):
+3. DELLA keep mask (density 0.3, ε 0.1, per-row ranks) on the same deltas: ours (the Triton kernel,
+   through the cuda and triton backends) vs the torch reference path that ops used before it
+   (``reference.sparsify.della_factor`` on the GPU tensor) and mergekit's ``della_magprune`` when
+   importable; bytes = one read of Δ + one byte of mask per element;
+4. fused prune + merge of M = 3 deltas and a base (TIES at density 0.2; DPPA with two bands):
    time, effective GB/s on the minimal bytes (M + 2)·N·b, % of copy bandwidth, vs mergekit's
    ``GeneralizedTaskArithmeticMerge.merge_group`` on the same GPU tensors (mergekit takes the
    fine-tuned tensors and forms Δ itself; ours takes the Δ).
@@ -20,7 +24,7 @@ baselines are capped by ``--max-seconds`` per case (the number of runs is record
 Rows are appended to ``bench/results/gpu.csv`` (device, driver, CUDA, torch, triton, commit, date);
 ``python bench/plot_gpu.py`` draws the PNG. Exits cleanly on a machine without CUDA.
 
-    python bench/bench_gpu.py [--runs 50] [--shapes 4096x4096,4096x14336,128256x4096] [--quick]
+    python bench/bench_gpu.py [--runs 50] [--shapes 4096x4096,4096x14336,128256x4096] [--quick] [--no-della]
 """
 
 from __future__ import annotations
@@ -179,6 +183,59 @@ def bench_threshold(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, den
             torch.cuda.empty_cache()
 
 
+def _mergekit_della():
+    try:
+        from mergekit.sparsify import SparsificationMethod, sparsify
+    except Exception as exc:  # mergekit absent or a different version
+        return None, f"mergekit unavailable: {exc!r}"
+    return (lambda x, density, epsilon: sparsify(x, density, SparsificationMethod.della_magprune,
+                                                  epsilon=epsilon)), ""
+
+
+def bench_della(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, density=0.3, epsilon=0.1):
+    import torch
+
+    from dppa_kernels.backends.registry import availability, get_backend
+    from dppa_kernels.reference import rng
+    from dppa_kernels.reference import sparsify as SP
+
+    k1, k2 = rng.stream_keys(0, "bench", 0)
+    mk, why = _mergekit_della()
+    for dtype in dtypes:
+        for shape in shapes:
+            n = shape[0] * shape[1]
+            nbytes = n * torch.finfo(dtype).bits // 8 + n  # read Δ, write the bool mask
+            xs = _deltas(shape, dtype, _n_buffers(nbytes))
+            provs = {}
+            for be in ("cuda", "triton"):
+                if availability()[be][0] and get_backend(be).della_mask is not None:
+                    provs[f"ours_{be}"] = lambda x, be=be: get_backend(be).della_mask(x, density, epsilon, k1, k2)
+            provs["torch.reference"] = lambda x: SP.della_factor(x, density, epsilon, 0, "bench") > 0
+            if mk is not None:
+                provs["mergekit.della_magprune"] = lambda x: mk(x, density, epsilon)
+            res = {}
+            for name, fn in provs.items():
+                try:
+                    res[name] = _time(fn, xs, runs, max_seconds=max_seconds)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+            for name, (med, p20, p80, nr) in res.items():
+                gbps = nbytes / (med * 1e-6) / 1e9
+                speed = ";".join(f"{b}={res[b][0] / med:.1f}x" for b in res
+                                 if name.startswith("ours") and not b.startswith("ours"))
+                rows.append(dict(env, section="della", op="della_mask", provider=name,
+                                 dtype=str(dtype).replace("torch.", ""), shape=f"{shape[0]}x{shape[1]}",
+                                 density=f"{density};eps={epsilon}", m=1, runs=nr, median_us=f"{med:.1f}",
+                                 p20_us=f"{p20:.1f}", p80_us=f"{p80:.1f}", bytes=nbytes, gbps=f"{gbps:.1f}",
+                                 pct_copy=f"{100 * gbps / copy_gbps:.1f}", copy_gbps=f"{copy_gbps:.1f}",
+                                 speedup_vs=speed, note="bytes = one read of Δ + 1 B of mask per element"
+                                 + ("" if mk else f"; {why}")))
+                print(f"della {dtype} {shape} {name:26s} {med:10.1f} µs {gbps:8.1f} GB/s "
+                      f"{100 * gbps / copy_gbps:5.1f}% {speed}")
+            del xs
+            torch.cuda.empty_cache()
+
+
 def _mergekit_gta(method):
     try:
         from mergekit.merge_methods.base import TensorEntry, TensorGroup
@@ -277,6 +334,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, 20 runs (smoke test, not a result)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-della", action="store_true", help="skip the DELLA mask section")
     a = ap.parse_args(argv)
     try:
         import torch
@@ -301,6 +359,8 @@ def main(argv=None):
                  gbps=f"{copy_gbps:.1f}", copy_gbps=f"{copy_gbps:.1f}", pct_copy="100.0",
                  bytes=2 * (2 << 30), note="device-to-device copy of 2 GiB, read + write bytes")]
     bench_threshold(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
+    if not a.no_della:
+        bench_della(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
     bench_merge(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
     if a.quick or runs < 50:
         for r in rows:
