@@ -162,6 +162,18 @@ def test_tensor_order_option(tmp_path):
         s.close()
 
 
+def test_engine_without_tensor_report(fam, tmp_path):
+    """tensor_report=False (the fast path's setting) skips only the report's per-tensor rows."""
+    from dppa_kernels.engine import MergeOptions, run_merge
+
+    path = _write(config("della", fam, CASES["della"][0]), tmp_path / "cfg.yml")
+    reports = {flag: run_merge(path, MergeOptions(out=str(tmp_path / str(flag)), progress=False, seed=3,
+                                                  tensor_report=flag)) for flag in (True, False)}
+    assert reports[True]["tensors"] and reports[False]["tensors"] == {}
+    a, b = load(tmp_path / "True"), load(tmp_path / "False")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_writes_into_existing_output_like_mergekit(fam, tmp_path):
     params, _ = CASES["ties"]
     path = _write(config("ties", fam, params), tmp_path / "cfg.yml")

@@ -51,6 +51,7 @@ class MergeOptions:
     resident: str = "auto"
     prefetch: int = 2
     tensor_order: str = "natural"  # or "name": mergekit's output order (plan.build_plan)
+    tensor_report: bool = True  # per-tensor realised densities in the report (DELLA's: a reference re-run)
 
 
 def _device(name: str) -> torch.device:
@@ -144,7 +145,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
                                                     unit_densities=[dens[i][task.name] for i in range(len(models))]
                                                     if task.unit else None, labels=labels)
                 out = merge_tensor(task, b, deltas, w, specs, combine, mode, seed=opts.seed, backend=be_name)
-                if not task.unit:
+                if not task.unit and opts.tensor_report:
                     report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name)
             else:
                 out = b

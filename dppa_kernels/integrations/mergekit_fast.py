@@ -38,7 +38,8 @@ config.json with only the dtype field updated (mergekit re-serialises it through
 which may add default fields, rename ``torch_dtype`` to ``dtype`` and restamp
 ``transformers_version``); the README.md text is our own; the index's metadata has no
 ``mergekit_version``; safetensors headers are written by our engine (same tensors, names, dtypes,
-shapes, ``format: pt`` metadata); the engine's ``merge_report.json`` is not kept. The output is
+shapes, ``format: pt`` metadata); the engine's ``merge_report.json`` is not kept (nor are its
+per-tensor realised densities computed: DELLA's would re-run the reference). The output is
 staged next to the output folder and moved in only when complete (into an existing folder file
 by file, replacing same-named files like mergekit-yaml); an engine error before that falls back.
 """
@@ -373,7 +374,7 @@ def run_fast(plan: FastPlan) -> dict:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.safe_dump(plan.config, f, sort_keys=False)
         opts = MergeOptions(out=staging, device=plan.device, shard_size=plan.shard_size, force=True, seed=plan.seed,
-                            progress=not plan.quiet, tensor_order="name")
+                            progress=not plan.quiet, tensor_order="name", tensor_report=False)
         report = run_merge(cfg_path, opts)
         _finish(staging, plan, report)
         L.move_into(staging, plan.out)
