@@ -54,19 +54,18 @@ def _cases():
            dict(KIND=1, KEY_MODE=0, NLEV=2, RANKED=2, PART=1, BLOCK=2048))
     yield (A._tie_count_kernel, {"X_ptr": "*fp32", "n": "i64", "META": "*i64", "COUNTS": "*i64", "FIRST": "*i64"},
            dict(KEY_MODE=1, NLEV=2, RANKED=3, PART=1, BLOCK=2048))
-    # DELLA: int32 composites (fp16 tiles of 16 short rows, bf16 rows of 16384), int64 (fp32 rows of
-    # 4096), the ranked path; launched without fp fusion, as della_mask does
+    # DELLA, launched without fp fusion as della_mask does: int32 composites (fp16 tiles of 16 short
+    # rows, bf16 rows of 16384), int64 (a 1-D fp32 tensor of 4096: triton turns n_rows == 1 into a
+    # constant), rows of one column (cols == 1 a constant: no division), the ranked path
     dsig = {"X_ptr": None, "OUT_ptr": "*u8", "n_rows": "i32", "cols": "i32", "lo_bits": "i64", "span_bits": "i64",
             "k1": "i64", "k2": "i64"}
-    for xt, mode, nbits, log_rows, log_block, warps in (("*fp16", 0, 15, 4, 7, 4), ("*bf16", 0, 15, 0, 14, 16),
-                                                        ("*fp32", 1, 31, 0, 12, 8)):
+    for xt, mode, nbits, log_rows, log_block, warps, ones in (("*fp16", 0, 15, 4, 7, 4, {}),
+                                                              ("*bf16", 0, 15, 0, 14, 16, {}),
+                                                              ("*fp32", 1, 31, 0, 12, 8, dict(n_rows=1)),
+                                                              ("*bf16", 0, 15, 11, 1, 4, dict(cols=1))):
         yield (DL._della_sort_kernel, dict(dsig, X_ptr=xt),
-               dict(KEY_MODE=mode, KEY_BITS=nbits, WIDE=nbits + log_block > 30, LOG_ROWS=log_rows,
+               dict(ones, KEY_MODE=mode, KEY_BITS=nbits, WIDE=nbits + log_block > 30, LOG_ROWS=log_rows,
                     LOG_BLOCK=log_block), dict(num_warps=warps, enable_fp_fusion=False), FP64_NO_FMA)
-    # rows of one column: triton turns cols == 1 into a constant (rn = 0.5, no division)
-    yield (DL._della_sort_kernel, dict(dsig, X_ptr="*bf16"),
-           dict(cols=1, KEY_MODE=0, KEY_BITS=15, WIDE=False, LOG_ROWS=11, LOG_BLOCK=1),
-           dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)
     yield (DL._della_ranked_kernel, {"ORDER_ptr": "*i64", "OUT_ptr": "*u8", "base": "i64", "n": "i64", "cols": "i32",
                                      "lo_bits": "i64", "span_bits": "i64", "k1": "i64", "k2": "i64"},
            dict(BLOCK=DL.RANKED_BLOCK), dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)
