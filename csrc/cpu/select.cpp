@@ -53,8 +53,10 @@ void parallel_hist(const void* x, int64_t s, int64_t n, int shift, int64_t nbins
     std::vector<uint32_t> mine(size_t(nbins) * lanes, 0u);
     bufs[t] = mine.data();
     uint32_t* h = mine.data();
-    // dynamic chunks: a thread that loses its core to another process does not hold up the rest
-    constexpr int64_t kChunk = int64_t(1) << 20;
+    // dynamic chunks, about 8 per thread (64 Ki..1 Mi elements): a thread that loses its core to
+    // another process does not hold up the rest, and a 1 Mi-element tensor still splits
+    const int64_t kChunk = std::min<int64_t>(int64_t(1) << 20,
+                                             std::max<int64_t>(int64_t(1) << 16, (n / (8 * int64_t(T)) + 63) & ~int64_t(63)));
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
       const int64_t lo = s + c * kChunk, hi = std::min(s + n, lo + kChunk);

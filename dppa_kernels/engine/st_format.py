@@ -10,10 +10,12 @@ streams tensors into a shard whose header is known in advance, so no shard is ev
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Sequence
@@ -106,20 +108,53 @@ def read_tensor(f: BinaryIO, info: TensorInfo, *, pin: bool = False) -> torch.Te
     return t
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes, which releases the GIL during the call (mmap.madvise does
+    not, and populating a large map would stall the merging thread); None where unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise() if sys.platform.startswith("linux") else None
+
+
+def _prefault(m: mmap.mmap) -> None:
+    """Map the pages now, on the calling (reader) thread, instead of on first touch by the merge.
+
+    ``MADV_POPULATE_READ`` fills the page tables from the page cache (reading the file if cold)
+    without copying anything, even for a private writable map; where the kernel lacks it,
+    ``MADV_WILLNEED`` at least starts the read-ahead.
+    """
+    if _madvise is not None:
+        anchor = ctypes.c_char.from_buffer(m)  # the map's address (page-aligned: it starts the map)
+        addr = ctypes.addressof(anchor)
+        del anchor  # release the buffer export at once
+        if _madvise(addr, len(m), _MADV_POPULATE_READ) == 0:
+            return
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        m.madvise(mmap.MADV_WILLNEED)
+
+
 def map_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     """A CPU tensor over a private copy-on-write map of just this tensor's bytes.
 
     Private: a write (none is intended) would change only this process's pages, never the file.
-    The map lives as long as the tensor (or any view of it) and is unmapped with it. Reads fault
-    pages straight from the page cache; ``MADV_WILLNEED`` starts the read-ahead of a cold file.
+    The map lives as long as the tensor (or any view of it) and is unmapped with it; its pages are
+    mapped from the page cache here (``_prefault``), so the merge never takes their page faults.
     """
     nbytes = info.end - info.begin
     if nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
     start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
     m = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
-    if hasattr(m, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-        m.madvise(mmap.MADV_WILLNEED)
+    _prefault(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flat = torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.begin - start)
