@@ -223,8 +223,11 @@ void rank_sort(std::vector<uint32_t>& key, std::vector<uint32_t>& idx, std::vect
   k2.resize(n);
   i2.resize(n);
   uint32_t cnt[2048];
-  for (int sh = 0; sh < bits; sh += 11) {
-    const int nb = 1 << std::min(11, bits - sh);
+  // digits of <= 11 bits, as few passes as that allows, split evenly (15-bit keys: 8 + 7, so a
+  // 1024-element row does not pay a 2048-bucket scan per pass)
+  const int width = 11;
+  for (int sh = 0; sh < bits; sh += width) {
+    const int nb = 1 << std::min(width, bits - sh);
     std::fill(cnt, cnt + nb, 0u);
     for (size_t i = 0; i < n; ++i) ++cnt[(key[i] >> sh) & uint32_t(nb - 1)];
     if (cnt[key[0] >> sh & uint32_t(nb - 1)] == n) continue;  // one digit value: pass is a no-op
@@ -246,9 +249,17 @@ void della_impl(const void* x, int64_t n, int64_t cols, double density, double e
   const int64_t rows = n / cols;
   const double lo = density - epsilon, span = 2.0 * epsilon;  // p = lo + rn * span (reference order)
   const double denom = double(cols - 1);
+  // The 32-bit keep threshold of each rank is the same in every row: computed once.
+  std::vector<uint64_t> keep_thr(static_cast<size_t>(cols));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t rank = 0; rank < cols; ++rank) {
+    const double rn = cols > 1 ? double(rank) / denom : 0.5;
+    const double t = std::floor((lo + rn * span) * 4294967296.0);
+    keep_thr[rank] = !(t > 0.0) ? 0 : t >= 4294967296.0 ? (uint64_t(1) << 32) : uint64_t(t);
+  }
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<uint32_t> key, idx, k2b, i2b;
+    std::vector<uint32_t> key, idx, k2b, i2b, bits(static_cast<size_t>(cols));
 #pragma omp for schedule(dynamic, std::max<int64_t>(1, 16384 / cols))
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t s = r * cols;
@@ -256,12 +267,17 @@ void della_impl(const void* x, int64_t n, int64_t cols, double density, double e
       idx.resize(size_t(cols));
       for (int64_t i = 0; i < cols; ++i) key[i] = mag_key<D, D>(x, s + i), idx[i] = uint32_t(i);
       rank_sort(key, idx, k2b, i2b, key_bits(D));
+      // the row's random bits in index order (vectorised: 32-bit lanes while hi32(index) is 0)
+      uint32_t* __restrict bt = bits.data();
+      if (uint64_t(s) + uint64_t(cols) <= (uint64_t(1) << 32)) {
+        const uint32_t base = uint32_t(s);
+        for (int64_t i = 0; i < cols; ++i) bt[i] = fmix32(fmix32((base + uint32_t(i)) ^ k1) ^ k2);
+      } else {
+        for (int64_t i = 0; i < cols; ++i) bt[i] = rng_bits(uint64_t(s + i), k1, k2);
+      }
       for (int64_t rank = 0; rank < cols; ++rank) {
-        const double rn = cols > 1 ? double(rank) / denom : 0.5;
-        const double t = std::floor((lo + rn * span) * 4294967296.0);
-        const uint64_t thr = !(t > 0.0) ? 0 : t >= 4294967296.0 ? (uint64_t(1) << 32) : uint64_t(t);
-        const int64_t e = s + idx[rank];
-        out[e] = uint64_t(rng_bits(uint64_t(e), k1, k2)) < thr;
+        const uint32_t e = idx[rank];
+        out[s + e] = uint64_t(bt[e]) < keep_thr[rank];
       }
     }
   }

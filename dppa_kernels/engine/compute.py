@@ -145,5 +145,10 @@ def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name
         return _dare_kept(delta, spec.density, seed, name, stream, backend) / n
     if m == "bands" and hist is not None and spec.partition == "tensor":
         return band_stats(hist, spec)[1]
+    if m == "della" and spec.density > 0.0 and backend != "reference":
+        be = get_backend(backend)
+        if getattr(be, "della_mask", None) is not None:  # the same mask the merge drew, fast
+            k1, k2 = rng.stream_keys(seed, name, stream)
+            return int(torch.count_nonzero(be.della_mask(delta, spec.density, spec.epsilon, k1, k2))) / n
     f = R.sparsify_factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)
     return float((f != 0).sum()) / n
