@@ -140,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     fast = NO_FAST not in args and os.environ.get(FAST_ENV, "1").strip() != "0" and "--help" not in args
     args = [a for a in args if a != NO_FAST]
     if fast and try_fast(args):
+        if argv is None:  # the console script: the output is committed, skip torch's teardown
+            from .._exit import exit_now
+
+            exit_now(0)
         return
     build_command()(args=args, prog_name=PROG)
 
