@@ -260,6 +260,31 @@ def test_della_mask_bit_identical(dtype, shape):
             assert torch.equal(got, ref), (nt, d, eps, int((got != ref).sum()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("kind", ["zeros_and_ties", "wide_range", "narrow_range", "all_zero"])
+def test_della_mask_both_rank_paths(dtype, kind):
+    """Rows whose magnitudes span few keys (counting-sort ranks, zeros first) and rows spanning
+    the whole exponent range (radix-sort ranks) both give the reference's mask."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 1000, generator=g)
+    if kind == "zeros_and_ties":
+        x = (x * 4).round() / 4 * 1e-3
+        x[::3] = 0.0
+        x[1, :] = -0.0
+    elif kind == "wide_range":
+        x = x * torch.exp(torch.randn(24, 1000, generator=g) * 12).clamp(max=1e4)
+    elif kind == "narrow_range":
+        x = 1.0 + x.abs() * 1e-2
+    else:
+        x = torch.zeros(24, 1000)
+    x = x.to(dtype)
+    k1, k2 = rng.stream_keys(3, "w", 0)
+    for d, eps in ((0.2, 0.1), (0.6, 0.3)):
+        ref = SP.della_factor(x, d, eps, 3, "w", 0) > 0
+        got = CPU.della_mask(x, d, eps, k1, k2)
+        assert torch.equal(got, ref), (kind, d, eps, int((got != ref).sum()))
+
+
 # --------------------------------------------------------------------------------- L1 sums
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_abs_sums_match_reference(dtype):
