@@ -1,5 +1,7 @@
 """Public ops on every CPU-side backend vs the reference; input validation."""
 
+import os
+
 import pytest
 import torch
 from helpers import assert_ulp_close, DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta
@@ -154,6 +156,14 @@ def test_nan_inf_rejected_by_default_and_allowed_on_request():
     y[5] = float("inf")
     out = dk.prune(y, "magnitude", density=0.5, check_finite=False, backend="reference")
     assert torch.isinf(out[5])
+
+
+def test_required_backends_are_available():
+    """.ci/test names the backends CI builds (DPPA_REQUIRE_BACKENDS): their suites skip when a
+    backend is missing, so a broken build must fail here instead of passing by skipping."""
+    required = [b for b in os.environ.get("DPPA_REQUIRE_BACKENDS", "").split(",") if b.strip()]
+    missing = {b: availability()[b.strip()][1] for b in required if not availability()[b.strip()][0]}
+    assert not missing, f"required backends unavailable: {missing}"
 
 
 def test_forced_unavailable_backend_raises_with_reason():
