@@ -233,12 +233,14 @@ def prune(
     return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype)
 
 
-def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype):
+def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out=None):
     if deltas[0].numel() == 0:  # nothing to select or apply; backends need not handle it
         return torch.empty(deltas[0].shape, dtype=out_dtype, device=deltas[0].device)
     be = get_backend(be_name)
     deltas = [d.contiguous() for d in deltas]
     plans = [make_plan(be, d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
+    if plans_out is not None:
+        plans_out.extend(plans)
     return be.apply(deltas, None if base is None else base.contiguous(), plans, weights, combine, out_dtype)
 
 
@@ -255,6 +257,7 @@ def merge_deltas(
     out_dtype: Optional[torch.dtype] = None,
     check_finite: bool = True,
     backend: str = "auto",
+    plans_out: Optional[list] = None,
     **params: Any,
 ) -> torch.Tensor:
     """Sparsify M deltas and combine them: base + λ·combine(w_i·Δ'_i), cast once to ``out_dtype``.
@@ -264,6 +267,8 @@ def merge_deltas(
     (``density``, ``weight``, ``normalize``, ``rescale``, ``lambda``, ``gamma``, ``epsilon``; per-model
     lists allowed) plus ours (``densities``, ``alphas``, ``tie_mode``, ``count_rule``, ...). Or pass
     explicit ``specs`` (one SparsifySpec per delta) and ``combine``. Model i's random stream is i.
+    ``plans_out``, a list, receives each delta's ApplyPlan (thresholds, the DELLA mask drawn, ...)
+    so that callers can report on them without redoing the work; it stays empty on the reference.
     """
     if not isinstance(deltas, (list, tuple)) or not deltas:
         raise ValueError("deltas must be a non-empty list of tensors")
@@ -297,7 +302,7 @@ def merge_deltas(
     out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
     if be_name == "reference":
         return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
-    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype)
+    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out)
 
 
 def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,

@@ -23,3 +23,23 @@ def test_realised_density_matches_reference_count(spec, shape):
     for backend in ("reference", "cpu"):
         got = realised_density(delta, spec, seed=7, name="w", stream=2, backend=backend)
         assert got == want, (backend, got, want)
+
+
+def test_report_counts_the_mask_the_merge_drew():
+    """With the merge's plans (plans_out), a DELLA density is counted from the drawn mask and
+    equals the reference's count; the reference backend hands out no plans."""
+    import dppa_kernels as dk
+
+    g = torch.Generator().manual_seed(4)
+    deltas = [(torch.randn(40, 70, generator=g) * 1e-3).bfloat16() for _ in range(2)]
+    base = torch.randn(40, 70, generator=g).bfloat16()
+    spec = SparsifySpec("della", density=0.3, epsilon=0.1)
+    plans: list = []
+    dk.merge_deltas(deltas, base, specs=[spec, spec], seed=9, name="w", backend="cpu", plans_out=plans)
+    assert [p.kind for p in plans] == ["mask", "mask"]
+    for i, (d, p) in enumerate(zip(deltas, plans)):
+        want = float((R.sparsify_factor(d, spec, seed=9, name="w", stream=i) != 0).sum()) / d.numel()
+        assert realised_density(d, spec, seed=9, name="w", stream=i, backend="cpu", plan=p) == want
+    ref_plans: list = []
+    dk.merge_deltas(deltas, base, specs=[spec, spec], seed=9, name="w", backend="reference", plans_out=ref_plans)
+    assert ref_plans == []

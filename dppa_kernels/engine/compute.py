@@ -90,12 +90,13 @@ def specs_for(task, method: str, n: int, *, levels=None, unit_densities=None, la
 
 
 def merge_tensor(task, base: torch.Tensor, deltas: list, weights, specs, combine, mode: str, *, seed: int,
-                 backend: str) -> torch.Tensor:
+                 backend: str, plans_out: Optional[list] = None) -> torch.Tensor:
+    """The merged tensor; ``plans_out`` receives the plans the merge applied (see merge_deltas)."""
     if mode == "base":
         return base.to(task.out_dtype)
     try:
         return merge_deltas(deltas, base, specs=specs, combine=combine, weights=weights, seed=seed, name=task.name,
-                            out_dtype=task.out_dtype, check_finite=False, backend=backend)
+                            out_dtype=task.out_dtype, check_finite=False, backend=backend, plans_out=plans_out)
     except (ValueError, TypeError) as exc:
         raise MergeError(f"tensor {task.name!r}: {exc}") from None
 
@@ -128,8 +129,10 @@ def _dare_kept(delta: torch.Tensor, density: float, seed: int, name: str, stream
 
 
 def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
-                     hist: Optional[torch.Tensor] = None, backend: str = "reference") -> float:
-    """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible)."""
+                     hist: Optional[torch.Tensor] = None, backend: str = "reference",
+                     plan: Optional[ApplyPlan] = None) -> float:
+    """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible).
+    ``plan``: the plan the merge applied; a mask plan (DELLA) is counted instead of redrawn."""
     n = delta.numel()
     m = spec.method
     if n == 0:
@@ -145,10 +148,7 @@ def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name
         return _dare_kept(delta, spec.density, seed, name, stream, backend) / n
     if m == "bands" and hist is not None and spec.partition == "tensor":
         return band_stats(hist, spec)[1]
-    if m == "della" and spec.density > 0.0 and backend != "reference":
-        be = get_backend(backend)
-        if getattr(be, "della_mask", None) is not None:  # the same mask the merge drew, fast
-            k1, k2 = rng.stream_keys(seed, name, stream)
-            return int(torch.count_nonzero(be.della_mask(delta, spec.density, spec.epsilon, k1, k2))) / n
+    if plan is not None and plan.kind == "mask":
+        return int(torch.count_nonzero(plan.mask)) / n
     f = R.sparsify_factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)
     return float((f != 0).sum()) / n

@@ -144,9 +144,12 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
                 w, specs, combine, mode = specs_for(task, cfg.merge_method, len(models), levels=plan.levels,
                                                     unit_densities=[dens[i][task.name] for i in range(len(models))]
                                                     if task.unit else None, labels=labels)
-                out = merge_tensor(task, b, deltas, w, specs, combine, mode, seed=opts.seed, backend=be_name)
+                plans: list = []
+                out = merge_tensor(task, b, deltas, w, specs, combine, mode, seed=opts.seed, backend=be_name,
+                                   plans_out=plans)
                 if not task.unit and opts.tensor_report:
-                    report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name)
+                    report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name, plans)
+                del plans
             else:
                 out = b
             # the writer holds the tensor past this iteration: it must not live in the workspace
@@ -213,13 +216,14 @@ def _phase1(plan, tmp, resuming, todo, labels, load, device, be_name, opts):
     return dens, report, rows, kept, timings
 
 
-def _tensor_row(task, deltas, specs, mode, seed, backend) -> dict:
+def _tensor_row(task, deltas, specs, mode, seed, backend, plans=()) -> dict:
     if mode == "base":
         return {"target": [0.0] * len(deltas), "realised": [0.0] * len(deltas), "mode": "base"}
     target = [list(s.densities) if s.method == "bands" else (1.0 if s.method == "none" else s.density)
               for s in specs]
-    real = [realised_density(d, s, seed=seed, name=task.name, stream=i, backend=backend)
-            for i, (d, s) in enumerate(zip(deltas, specs))]
+    plans = list(plans) or [None] * len(deltas)  # none from the reference backend
+    real = [realised_density(d, s, seed=seed, name=task.name, stream=i, backend=backend, plan=p)
+            for i, (d, s, p) in enumerate(zip(deltas, specs, plans))]
     return {"target": target, "realised": real}
 
 
