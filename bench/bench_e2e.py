@@ -1,13 +1,17 @@
-"""End-to-end CPU benchmark: ``mergekit-yaml`` vs ``dppa merge`` on a synthetic Llama-shaped family.
+"""End-to-end benchmark: ``mergekit-yaml`` vs ``dppa merge`` on a synthetic Llama-shaped family.
 
 Not a test. Generates (once) a bf16 family of base + 3 fine-tuned models, sharded, with realistic
 deltas (base ~ N(0, 0.02), ft = bf16(base + heavy-tailed Δ with σ ≈ 5e-4), never zero), warms the
 page cache, then times each run as a child process under ``/usr/bin/time -v`` (psutil polling
-when absent) and appends wall time and peak RSS to ``bench/results/e2e_cpu.csv``.
+when absent) and appends wall time and peak RSS to ``bench/results/e2e_cpu.csv``, one row as each
+run ends. With ``--devices cpu,cuda`` each run is also timed on the GPU (``dppa merge --device
+cuda``, ``mergekit-yaml --cuda``); rows then carry the device and the GPU's name and go to
+``bench/results/e2e_gpu.csv``.
 
     python bench/bench_e2e.py                 # ~270M parameters per model
     python bench/bench_e2e.py --double        # also the 2x deeper model (flat-RSS check)
     python bench/bench_e2e.py --repeat 5      # five runs of each, for medians
+    python bench/bench_e2e.py --devices cpu,cuda --only dppa:ties,mergekit:ties   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -107,11 +111,25 @@ def machine() -> dict:
         pass
     import psutil
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
+    try:  # the GPU machine may have neither git nor the repository's .git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
     from dppa_kernels.backends.registry import resolve
 
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "torch": torch.__version__, "commit": commit.strip(), "backend": resolve("auto", torch.device("cpu"))}
+            "torch": torch.__version__, "commit": commit, "backend": resolve("auto", torch.device("cpu"))}
+
+
+def append_row(path: str, row: dict) -> None:
+    """Append one row (header first in a new file): an interrupted run keeps the rows it wrote."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def main() -> None:
@@ -121,11 +139,23 @@ def main() -> None:
     ap.add_argument("--double", action="store_true", help="also run the 2x deeper model (dppa runs only)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--only", default="", help="comma list of tool:method to run, e.g. dppa:dppa")
-    ap.add_argument("--csv", default=os.path.join(HERE, "results", "e2e_cpu.csv"))
+    ap.add_argument("--csv", default=None, help="default bench/results/e2e_cpu.csv (e2e_gpu.csv with cuda)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each (tool, method); one CSV row per run")
+    ap.add_argument("--devices", default="cpu", help="comma list of cpu, cuda: each run on each device")
     args = ap.parse_args()
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if not devices or any(d not in ("cpu", "cuda") for d in devices):
+        ap.error(f"--devices: expected a comma list of cpu, cuda, got {args.devices[:80]!r}")
+    gpu_rows = "cuda" in devices  # rows with device columns, in their own CSV
+    args.csv = args.csv or os.path.join(HERE, "results", "e2e_gpu.csv" if gpu_rows else "e2e_cpu.csv")
     info = machine()
-    rows = []
+    import torch
+
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("bench_e2e: no CUDA device here: the cuda runs are skipped", flush=True)
+        devices.remove("cuda")
+    gpu = torch.cuda.get_device_name() if gpu_rows and torch.cuda.is_available() else ""
+    from dppa_kernels.backends.registry import resolve
     sizes = [args.layers] + ([2 * args.layers] if args.double else [])
     for layers in sizes:
         root = os.path.join(args.workdir, f"L{layers}")
@@ -139,24 +169,22 @@ def main() -> None:
             cfg = config(os.path.join(args.workdir, f"{tool}-{method}-L{layers}.yaml"), method, base, fts)
             out = os.path.join(args.workdir, f"out-{tool}-{method}-L{layers}")
             shutil.rmtree(out, ignore_errors=True)
-            if tool == "mergekit":
-                cmd = [MERGEKIT, cfg, out, "--quiet"]
-            else:
-                cmd = [sys.executable, "-m", "dppa_kernels", "merge", cfg, "--out", out, "--no-progress"]
             for _ in range(args.repeat):
-                wall, rss, rc = timed(cmd)
-                row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), tool=tool, method=method,
-                           params_m=round(n_params(layers) / 1e6, 1), models=4, dtype="bfloat16",
-                           wall_s=round(wall, 2), peak_rss_mb=round(rss, 1), rc=rc, **info)
-                print(row, flush=True)
-                rows.append(row)
-                shutil.rmtree(out, ignore_errors=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+                for device in devices:
+                    if tool == "mergekit":
+                        cmd = [MERGEKIT, cfg, out, "--quiet"] + (["--cuda"] if device == "cuda" else [])
+                    else:
+                        cmd = [sys.executable, "-m", "dppa_kernels", "merge", cfg, "--out", out, "--no-progress",
+                               "--device", device]
+                    wall, rss, rc = timed(cmd)
+                    row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), tool=tool, method=method,
+                               params_m=round(n_params(layers) / 1e6, 1), models=4, dtype="bfloat16",
+                               wall_s=round(wall, 2), peak_rss_mb=round(rss, 1), rc=rc, **info)
+                    if gpu_rows:
+                        row.update(device=device, gpu=gpu, backend=resolve("auto", torch.device(device)))
+                    print(row, flush=True)
+                    append_row(args.csv, row)
+                    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ calls, rotating through enough distinct input buffers to defeat the L2 cache; in
 deltas Δ = bf16(base + N(0, σ)) − bf16(base) (heavy ties, never zeros or smooth data). Slow
 baselines are capped by ``--max-seconds`` per case (the number of runs is recorded).
 
-Rows are appended to ``bench/results/gpu.csv`` (device, driver, CUDA, torch, triton, commit, date);
-``python bench/plot_gpu.py`` draws the PNG. Exits cleanly on a machine without CUDA.
+Rows are appended to ``bench/results/gpu.csv`` (or ``--csv``; device, driver, CUDA, torch, triton,
+commit, date) as they are measured, so an interrupted run keeps them; a provider that raises is
+reported and left out. ``python bench/plot_gpu.py`` draws the PNG. Exits cleanly on a
+machine without CUDA.
 
-    python bench/bench_gpu.py [--runs 50] [--shapes 4096x4096,4096x14336,128256x4096] [--quick] [--no-della]
+    python bench/bench_gpu.py [--runs 50] [--shapes 4096x4096,4096x14336,128256x4096] [--quick]
+                              [--sections threshold,della,merge] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -159,11 +162,7 @@ def bench_threshold(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, den
             provs["torch.argsort(mergekit)"] = _argsort_mask
             res = {}
             for name, fn in provs.items():
-                try:
-                    res[name] = _time(fn, xs, runs, max_seconds=max_seconds)
-                except torch.cuda.OutOfMemoryError:
-                    res[name] = None
-                    torch.cuda.empty_cache()
+                res[name] = _guarded(name, lambda: _time(fn, xs, runs, max_seconds=max_seconds))
             for name, r in res.items():
                 if r is None:
                     continue
@@ -213,12 +212,9 @@ def bench_della(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, density
             provs["torch.reference"] = lambda x: SP.della_factor(x, density, epsilon, 0, "bench") > 0
             if mk is not None:
                 provs["mergekit.della_magprune"] = lambda x: mk(x, density, epsilon)
-            res = {}
-            for name, fn in provs.items():
-                try:
-                    res[name] = _time(fn, xs, runs, max_seconds=max_seconds)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
+            res = {name: _guarded(name, lambda: _time(fn, xs, runs, max_seconds=max_seconds))
+                   for name, fn in provs.items()}
+            res = {name: r for name, r in res.items() if r is not None}
             for name, (med, p20, p80, nr) in res.items():
                 gbps = nbytes / (med * 1e-6) / 1e9
                 speed = ";".join(f"{b}={res[b][0] / med:.1f}x" for b in res
@@ -286,18 +282,15 @@ def bench_merge(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, m=3, de
                     cases[("dppa_2bands", f"ours_{be}")] = lambda st, be=be: dk.merge_deltas(
                         st[1], st[0], method="dppa", weight=w, densities=[0.1, 0.2], alphas=[1.8, 1.0],
                         backend=be, check_finite=False)
-            res = {}
-            for key, fn in cases.items():
-                res[key] = _time(fn, sets, runs, max_seconds=max_seconds)
+            res = {key: _guarded(key, lambda: _time(fn, sets, runs, max_seconds=max_seconds))
+                   for key, fn in cases.items()}
             if mk is not None:
                 # mergekit forms Δ = ft − base itself: give it fine-tuned tensors with the same Δ
                 fsets = [(base, [(base.float() + d.float()).to(dtype) for d in ds]) for base, ds in sets]
-                try:
-                    res[("ties", "mergekit.GTA")] = _time(lambda st: mk(st[0], st[1], w, density), fsets, runs,
-                                                          max_seconds=max_seconds)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
+                res[("ties", "mergekit.GTA")] = _guarded("mergekit.GTA", lambda: _time(
+                    lambda st: mk(st[0], st[1], w, density), fsets, runs, max_seconds=max_seconds))
                 del fsets
+            res = {key: r for key, r in res.items() if r is not None}
             for (op, prov), (med, p20, p80, nr) in res.items():
                 gbps = minimal / (med * 1e-6) / 1e9
                 base_t = res.get(("ties", "mergekit.GTA"))
@@ -315,10 +308,42 @@ def bench_merge(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, m=3, de
             torch.cuda.empty_cache()
 
 
-def _write(rows):
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
+def _guarded(name, fn):
+    """fn(), or None when it raises: one failing provider must not lose the others' numbers."""
+    import torch
+
+    try:
+        return fn()
+    except Exception as exc:
+        print(f"  {name}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        return None
+
+
+class _CsvRows(list):
+    """Rows written to the CSV as they are added: an interrupted run keeps what it measured."""
+
+    def __init__(self, path, smoke):
+        super().__init__()
+        self.path, self.smoke = path, smoke
+
+    def append(self, row):
+        super().append(row)
+        _write([row], self.path, self.smoke)
+
+    def extend(self, rows):
+        for r in rows:
+            self.append(r)
+
+
+def _write(rows, path=RESULTS, smoke=False):
+    if smoke:
+        for r in rows:
+            r["note"] = (r.get("note", "") + "; smoke run (fewer than 50 runs)").lstrip("; ")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             wr.writeheader()
@@ -335,7 +360,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, 20 runs (smoke test, not a result)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-della", action="store_true", help="skip the DELLA mask section")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    ap.add_argument("--csv", type=Path, default=RESULTS, help=f"rows are appended here (default {RESULTS})")
     a = ap.parse_args(argv)
+    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    if any(s not in SECTIONS for s in sections):
+        ap.error(f"--sections: expected a comma list of {', '.join(SECTIONS)}, got {a.sections[:80]!r}")
+    if a.no_della:
+        sections = [s for s in sections if s != "della"]
     try:
         import torch
     except Exception:
@@ -358,19 +390,18 @@ def main(argv=None):
     rows = [dict(env, section="ceiling", op="copy", provider="torch.copy_", runs=max(runs, 20),
                  gbps=f"{copy_gbps:.1f}", copy_gbps=f"{copy_gbps:.1f}", pct_copy="100.0",
                  bytes=2 * (2 << 30), note="device-to-device copy of 2 GiB, read + write bytes")]
-    bench_threshold(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
-    if not a.no_della:
-        bench_della(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
-    bench_merge(env, copy_gbps, shapes, dtypes, runs, a.max_seconds, rows)
-    if a.quick or runs < 50:
-        for r in rows:
-            r["note"] = (r.get("note", "") + "; smoke run (fewer than 50 runs)").lstrip("; ")
-    _write(rows)
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    out = _CsvRows(a.csv, smoke=a.quick or runs < 50)
+    out.extend(rows)
+    for section in sections:
+        SECTIONS[section](env, copy_gbps, shapes, dtypes, runs, a.max_seconds, out)
+    print(f"appended {len(out)} rows to {a.csv}")
     if not a.no_plot:
-        subprocess.run([sys.executable, str(HERE / "plot_gpu.py")], check=False)
+        subprocess.run([sys.executable, str(HERE / "plot_gpu.py"), "--csv", str(a.csv),
+                        "--out", str(a.csv.with_suffix(".png"))], check=False)
     return 0
 
+
+SECTIONS = {"threshold": bench_threshold, "della": bench_della, "merge": bench_merge}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--hsm-rank", type=int, default=200)
     p.add_argument("--skip-fold", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help=f"where the CSVs go (default {RESULTS})")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -225,11 +226,11 @@ def main(argv=None) -> int:
     if not args.skip_fold:
         rows = bench_fold(args, device)
         if not args.no_write:
-            append_rows(RESULTS / f"pat_{device.type if device.type == 'cpu' else 'gpu'}.csv", rows)
+            append_rows(args.results_dir / f"pat_{device.type if device.type == 'cpu' else 'gpu'}.csv", rows)
     if torch.cuda.is_available():
         rows = bench_hsm(args, torch.device("cuda"))
         if not args.no_write:
-            append_rows(RESULTS / "pat_gpu_hsm.csv", rows)
+            append_rows(args.results_dir / "pat_gpu_hsm.csv", rows)
     elif os.environ.get("TRITON_INTERPRET") == "1" and args.hsm_tokens * args.hsm_d <= 1 << 16:
         bench_hsm(args, torch.device("cpu"))  # smoke run of the GPU part under the interpreter
     else:

@@ -2,8 +2,9 @@
 
     python bench/plot_gpu.py [--csv bench/results/gpu.csv] [--out bench/results/gpu.png] [--device NAME]
 
-Uses the latest run (by date) of the chosen device (default: the device of the newest row). GB/s is
-on the logical bytes of each row (one read of Δ for thresholds, (M+2)·N·b for merges).
+Uses the latest row of each case (section, op, dtype, shape, provider) of the chosen device (default:
+the device of the newest row), so that sections measured by separate runs plot together. GB/s is on
+the logical bytes of each row (one read of Δ for thresholds, (M+2)·N·b for merges).
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ def main(argv=None):
         print("plot_gpu: no rows")
         return 0
     device = a.device or rows[-1]["device"]
-    rows = [r for r in rows if r["device"] == device]
-    last = max(r["date"] for r in rows)
-    rows = [r for r in rows if r["date"] == last]
+    latest = {}
+    for r in sorted((r for r in rows if r["device"] == device and r["gbps"]), key=lambda r: r["date"]):
+        latest[(r["section"], r["op"], r["dtype"], r["shape"], r["provider"])] = r
+    rows = list(latest.values())
+    if not rows:
+        print(f"plot_gpu: no rows with GB/s for {device}")
+        return 0
+    dates = sorted({r["date"] for r in rows})
+    last = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     try:
         import matplotlib
 
