@@ -11,15 +11,18 @@ runs on our kernels. ``DPPA_FUSION_BENCH_RNG=torch`` selects FusionBench's own D
 from __future__ import annotations
 
 import os
+import sys
 
 from ._deps import require
 
 
 def main() -> None:
-    from .fusion_bench import install
+    from .fusion_bench import get_options, install
 
     cli = require("fusion_bench.scripts.cli", "fusion_bench", "dppa_kernels.integrations.fusion_bench_cli")
     install(rng=os.environ.get("DPPA_FUSION_BENCH_RNG", "hash"))
+    print(f"dppa-kernels: FusionBench's TIES and DARE utilities run on dppa_kernels ({get_options()})",
+          file=sys.stderr)
     cli._hydra_main()
 
 
