@@ -25,8 +25,8 @@ Results, and where they differ:
 * TIES (``topk_values_mask``, ``resolve_sign``, ``ties_merging``): identical to FusionBench's values
   and dtypes (``mean`` returns fp32, as FusionBench's float32 count makes it). Sums run in fp32 in
   model order, which is the order torch's CPU reduction uses for up to 4 models; with 5 or more,
-  torch regroups the last columns of each thread's range (its own result then depends on the thread
-  count) and single elements may differ from it in the last bit. The row fraction returned by
+  torch groups a few elements differently (which ones depends on its thread count, so its own
+  result does too) and those may differ from ours in the last bit. The row fraction returned by
   ``topk_values_mask`` is exact for rows of up to 2**24 elements.
 * DARE: each element is kept with exactly the probability FusionBench's CPU ``torch.rand_like``
   draw gives it, but the draws come from our counter-hash RNG: masks are equal in distribution,
