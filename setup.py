@@ -208,6 +208,8 @@ setup(
         "mergekit": ["mergekit>=0.1.5"],
         "peft": ["peft>=0.18"],
         "pat": ["transformers>=4.45"],
+        # FusionBench pins nothing we pin (torch, transformers, peft): it adds hydra, lightning, tensorboard
+        "fusion_bench": ["fusion-bench==0.2.33"],
         "test": ["pytest", "hypothesis", "pybind11"],
     },
     entry_points={
