@@ -108,8 +108,10 @@ def test_disk_full_while_writing_the_side_files(fam, tmp_path, monkeypatch, targ
 
     if target == "copy":
         monkeypatch.setattr(outdir.shutil, "copyfile", full)
-    elif target == "rename":
-        monkeypatch.setattr(outdir.os, "replace", full)
+    elif target == "rename":  # the final rename of the finished merge into place
+        real_replace = os.replace
+        monkeypatch.setattr(outdir.os, "replace", lambda a, b: full() if os.path.basename(b) == "out"
+                            else real_replace(a, b))
     elif target == "report":
         monkeypatch.setattr(run_mod, "write_json_atomic", lambda p, o: full() if p.endswith("report.json") else None)
     else:

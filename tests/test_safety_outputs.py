@@ -77,16 +77,19 @@ def test_links_inside_the_model_and_hf_cache_snapshots_are_copied_as_files(fam, 
     assert not got.is_symlink() and got.read_text() == (blobs / "tokenizer_config.json").read_text()
 
 
-@pytest.mark.parametrize("bad", ["../elsewhere/model-00001-of-00002.safetensors", "/abs/model.safetensors"])
-def test_index_shard_paths_must_stay_inside_the_model(tmp_path, bad):
+@pytest.mark.parametrize("kind", ["relative", "absolute"])
+def test_index_shard_paths_must_stay_inside_the_model(tmp_path, kind):
+    """The shard named by the index exists where the path points (outside the model folder):
+    it must not be read."""
     base, fts = family(tmp_path / "fam")  # sharded: every model has an index
     victim = fts[0]
     index = os.path.join(victim, "model.safetensors.index.json")
     data = json.load(open(index))
     first = sorted(set(data["weight_map"].values()))[0]
-    outside = os.path.join(tmp_path, "elsewhere")
-    os.makedirs(outside)
-    shutil.copyfile(os.path.join(victim, first), os.path.join(outside, os.path.basename(bad)))
+    bad = "../elsewhere/" + first if kind == "relative" else str(tmp_path / "elsewhere" / first)
+    target = os.path.normpath(os.path.join(victim, bad))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(victim, first), target)
     data["weight_map"] = {k: (bad if v == first else v) for k, v in data["weight_map"].items()}
     json.dump(data, open(index, "w"))
     cfg = write_config(tmp_path / "c.yaml", "ties", base, fts)
