@@ -161,7 +161,7 @@ def parse_config(data: Any, src: str = "config") -> MergeConfig:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "top level"
         msg = err["msg"].removeprefix("Value error, ")
-        raise MergeError(f"{src}: {clip(loc)}: {clip(msg)}") from None
+        raise MergeError(f"{src}: {clip(loc)}: {msg}") from None  # msg: our validators, values brief-ed
     _check_params(cfg.parameters, cfg.merge_method, "parameters", src, per_model=False)
     for i, m in enumerate(cfg.models):
         _check_params(m.parameters, cfg.merge_method, f"models[{i}] ({clip(m.model)})", src, per_model=True)

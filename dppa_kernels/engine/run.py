@@ -114,21 +114,23 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
     plan = build_plan(cfg, base, models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
                       truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
     check_side_files(side_sources(base.path, tok))
+    fingerprint = _fingerprint(cfg, plan, opts)  # reads every input file: before anything is created
     try:
         with output_lock(opts.out):
             tmp, resuming = check_output(opts.out, inputs, force=opts.force, resume=opts.resume,
                                          config=os.path.abspath(config_path))
-            return _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, device, be_name, opts, t0)
+            return _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name,
+                          opts, t0)
     finally:
         for s in [base] + models:
             s.close()
 
 
-def _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, device, be_name, opts, t0) -> dict:
+def _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name, opts, t0) -> dict:
     """Everything after the checks: the merge into ``tmp``, side files, report, rename into place."""
     timings = {"plan_s": time.perf_counter() - t0}
     labels = [m.label for m in models]
-    journal = Journal(tmp, _fingerprint(cfg, plan, opts))
+    journal = Journal(tmp, fingerprint)
     dropped = journal.load_verified() if resuming else []  # a refusal here leaves the partial intact
     writer = None
     try:
