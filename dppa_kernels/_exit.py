@@ -1,10 +1,22 @@
-"""Leaving a console script once its work is committed, without the interpreter's teardown."""
+"""Leaving a console script: once its work is committed, without the interpreter's teardown;
+after a failure nobody diagnosed, with one line (the traceback only on request)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import traceback
+
+TRACEBACK_ENV = "DPPA_TRACEBACK"
+
+
+def unexpected(exc: BaseException) -> str:
+    """The one-line message for an exception that is not a diagnosed input problem; with
+    ``DPPA_TRACEBACK=1`` its traceback is printed to stderr first."""
+    if os.environ.get(TRACEBACK_ENV, "0") == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    return f"unexpected {type(exc).__name__}: {exc} ({TRACEBACK_ENV}=1 shows where)"
 
 
 def exit_now(code) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._exit import exit_now
+from ._exit import exit_now, unexpected
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fast pruning and merging of LLM deltas (DPPA, TIES, DARE, DELLA, breadcrumbs).")
@@ -26,19 +26,23 @@ def parse_size(text: str) -> int:
             return int(value)
     except ValueError:
         pass
+    from .engine.errors import brief  # the engine loads on use: ``dppa info`` stays quick
+
     m = _SIZE.match(text)
     if not m:
-        raise typer.BadParameter(f"{text!r} is not a size (examples: 5B, 500M, 2GiB, 1000000)")
+        raise typer.BadParameter(f"{brief(text)} is not a size (examples: 5B, 500M, 2GiB, 1000000)")
     unit = (m.group(2) or "").upper()
     unit = unit[:-1] if unit.endswith("B") and len(unit) > 1 else unit
     size = int(float(m.group(1)) * _UNITS[unit])
     if size < 1:
-        raise typer.BadParameter(f"shard size must be at least 1 byte, got {text!r}")
+        raise typer.BadParameter(f"shard size must be at least 1 byte, got {brief(text)}")
     return size
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    from .engine.errors import one_line
+
+    typer.secho(f"error: {one_line(msg)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
@@ -55,25 +59,35 @@ def merge(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out (only once done)"),
     seed: int = typer.Option(0, help="seed of the DARE/DELLA draws (per tensor name and model)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept .bin pickle checkpoints"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="accept .bin pickle checkpoints (loaded with weights_only, torch >= 2.6)"),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes",
+                                      help="merge models whose config.json model_type or architectures differ"),
     truncate_vocab: bool = typer.Option(False, "--truncate-vocab",
                                         help="cut fine-tuned embedding/lm_head rows to the base's vocabulary"),
     resident: str = typer.Option("auto", help="DPPA: keep deltas on the device between phases (auto/on/off)"),
 ) -> None:
     """Merge the models of CONFIG (mergekit YAML) into --out as sharded safetensors."""
     from .engine import MergeError, MergeOptions, run_merge
+    from .engine.errors import brief
 
     if resident not in ("auto", "on", "off"):
-        _fail(f"--resident must be auto, on or off, got {resident!r}", 2)
-    opts = MergeOptions(out=out, device=device, backend=backend, out_dtype=dtype, shard_size=parse_size(out_shard_size),
+        _fail(f"--resident must be auto, on or off, got {brief(resident)}", 2)
+    try:
+        shard_size = parse_size(out_shard_size)
+    except typer.BadParameter as exc:
+        _fail(f"--out-shard-size: {exc.message}", 2)
+    opts = MergeOptions(out=out, device=device, backend=backend, out_dtype=dtype, shard_size=shard_size,
                         resume=resume, force=force, seed=seed, progress=not no_progress, allow_pickle=allow_pickle,
-                        truncate_vocab=truncate_vocab, resident=resident)
+                        allow_crimes=allow_crimes, truncate_vocab=truncate_vocab, resident=resident)
     try:
         report = run_merge(config, opts)
     except MergeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail(f"interrupted; rerun with --resume to continue the merge into {out}", 130)
+    except Exception as exc:  # noqa: BLE001 (every failure of the command is one line)
+        _fail(unexpected(exc))
     t = report["timings"]
     typer.echo(f"merged {report['n_tensors']} tensors with {report['method']} on {report['device']} "
                f"({report['backend']} backend) in {t['total_s']:.1f} s -> {out}")
@@ -102,6 +116,8 @@ def demo(
         run_demo(workdir=workdir, backend=backend, keep=keep, progress=progress, echo=typer.echo)
     except MergeError as exc:
         _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        _fail(unexpected(exc))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from dppa_kernels.engine.outdir import tmp_path as partial_dir
-from test_engine_util import ROOT, cli, cli_subprocess, dir_digest, family, leftovers, write_config
+from dppa_kernels.engine.shards import ShardWriter
+from test_engine_util import ROOT, cli, cli_subprocess, dir_digest, family, leftovers, tree_state, write_config
 
 
 @pytest.mark.parametrize("method", ["dppa", "dare_ties"])
@@ -68,16 +70,86 @@ def test_resume_refuses_other_config(tmp_path):
     os.makedirs(partial_dir(str(out)))
     with open(os.path.join(partial_dir(str(out)), "journal.json"), "w") as f:
         json.dump({"fingerprint": "other", "done": {}}, f)
+    before = tree_state(partial_dir(str(out)))
     r = cli("merge", cfg, "--out", out, "--resume", "--no-progress")
-    assert r.exit_code != 0 and "different config" in r.output
+    assert r.exit_code != 0 and "different config" in r.output and "--force" in r.output
+    assert tree_state(partial_dir(str(out))) == before, "a refused --resume deleted the partial merge"
 
 
-def test_resume_of_complete_output_redoes_nothing_wrong(tmp_path):
+ARGS = ["--out-shard-size", "12K", "--no-progress", "--backend", "torch"]
+
+
+def _interrupted(tmp_path, monkeypatch, after: int = 2):
+    """(config, output, clean digest): a merge stopped (Ctrl-C) after ``after`` committed shards,
+    and the digest of the same merge run uninterrupted."""
+    base, fts = family(tmp_path / "fam", layers=3)
+    cfg = write_config(tmp_path / "c.yaml", "ties", base, fts)
+    assert cli("merge", cfg, "--out", tmp_path / "clean", *ARGS).exit_code == 0
+    real = ShardWriter._finish
+
+    def stop_after(self):
+        real(self)
+        if len(self.journal.done) == after:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardWriter, "_finish", stop_after)
+        r = cli("merge", cfg, "--out", tmp_path / "out", *ARGS)
+    assert r.exit_code == 130 and "--resume" in r.output
+    assert len(json.load(open(os.path.join(partial_dir(str(tmp_path / "out")), "journal.json")))["done"]) == after
+    return cfg, base, fts, tmp_path / "out", dir_digest(tmp_path / "clean")
+
+
+def test_touching_the_inputs_does_not_invalidate_a_resume(tmp_path, monkeypatch):
+    cfg, base, fts, out, clean = _interrupted(tmp_path, monkeypatch)
+    later = time.time() + 3600
+    for d in [base] + fts:
+        for fn in os.listdir(d):
+            os.utime(os.path.join(d, fn), (later, later))
+    r = cli("merge", cfg, "--out", out, "--resume", *ARGS)
+    assert r.exit_code == 0, r.output
+    assert dir_digest(out) == clean and not leftovers(out)
+    assert json.load(open(out / "merge_report.json"))["resumed"]
+
+
+def test_changed_input_bytes_refuse_a_resume_and_keep_the_partial(tmp_path, monkeypatch):
+    cfg, base, fts, out, _ = _interrupted(tmp_path, monkeypatch)
+    _, other = family(tmp_path / "other", layers=3, seed=5)  # same names and shapes, other values
+    for fn in os.listdir(other[0]):
+        if fn.endswith(".safetensors"):
+            shutil.copyfile(os.path.join(other[0], fn), os.path.join(fts[0], fn))
+    before = tree_state(partial_dir(str(out)))
+    r = cli("merge", cfg, "--out", out, "--resume", *ARGS)
+    assert r.exit_code != 0 and "different config, inputs or options" in r.output
+    assert tree_state(partial_dir(str(out))) == before and not out.exists()
+
+
+def test_resume_never_replaces_files_it_did_not_write(tmp_path, monkeypatch):
+    cfg, _, _, out, clean = _interrupted(tmp_path, monkeypatch)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = tree_state(partial_dir(str(out)))
+    r = cli("merge", cfg, "--out", out, "--resume", *ARGS)
+    assert r.exit_code != 0 and "not empty" in r.output and "never replaces files" in r.output
+    assert (out / "notes.txt").read_text() == "mine" and os.listdir(out) == ["notes.txt"]
+    assert tree_state(partial_dir(str(out))) == before
+    (out / "notes.txt").unlink()  # an empty folder may be resumed into
+    assert cli("merge", cfg, "--out", out, "--resume", *ARGS).exit_code == 0
+    assert dir_digest(out) == clean
+
+
+def test_resume_refuses_a_finished_output_and_keeps_user_files(tmp_path):
+    """--resume on a finished output (with a user's file added) neither deletes nor re-merges."""
     base, fts = family(tmp_path / "fam")
     cfg = write_config(tmp_path / "c.yaml", "ties", base, fts)
     out = tmp_path / "out"
     assert cli("merge", cfg, "--out", out, "--no-progress").exit_code == 0
-    first = dir_digest(out)
-    r = cli_subprocess("merge", cfg, "--out", out, "--resume", "--no-progress")
-    assert r.returncode == 0, r.stderr
-    assert dir_digest(out) == first
+    (out / "notes.txt").write_text("mine")
+    first = tree_state(out)
+    other = write_config(tmp_path / "c2.yaml", "dare_ties", base, fts,
+                         model_params=[{"weight": 1.0, "density": 0.5}] * 3)
+    for c in (cfg, other):
+        r = cli_subprocess("merge", c, "--out", out, "--resume", "--no-progress")
+        assert r.returncode != 0 and "finished merge" in r.stderr and "--force" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+        assert tree_state(out) == first and not leftovers(out)

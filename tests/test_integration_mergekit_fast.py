@@ -16,7 +16,8 @@ import yaml
 from test_integration_common import CUDA, ROOT, config, load, write_family
 
 from dppa_kernels.integrations import mergekit_cli as cli_mod
-from dppa_kernels.integrations.mergekit_fast import FastPlan, plan_fast
+from dppa_kernels.engine import MergeError
+from dppa_kernels.integrations.mergekit_fast import FastPlan, Unsupported, plan_fast
 
 SEED = ["--random-seed", "7"]
 DPPA = [{"weight": 1.0, "densities": [0.1, 0.2], "alphas": [1.8, 1.0]},
@@ -187,22 +188,25 @@ def test_writes_into_existing_output_like_mergekit(fam, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_engine_failure_falls_back_and_leaves_nothing(fam, tmp_path, monkeypatch, capsys):
-    from dppa_kernels.engine import MergeError
-    from dppa_kernels.integrations import mergekit_fast
+def test_engine_failure_is_an_error_not_a_fallback(fam, tmp_path, monkeypatch, capsys):
+    """A failure of the fast path's merge ends the run (one error line, exit 1, nothing left);
+    mergekit's pipeline is not tried after it."""
+    from dppa_kernels.integrations import mergekit_layout
 
     def boom(*a, **k):
         raise MergeError("simulated failure after the merge")
 
-    monkeypatch.setattr(mergekit_fast, "_finish", boom)
+    monkeypatch.setattr(mergekit_layout, "finish_layout", boom)
+    monkeypatch.setattr(cli_mod, "build_command", lambda: pytest.fail("the fallback ran after a refusal"))
     params, _ = CASES["ties"]
     path = _write(config("ties", fam, params), tmp_path / "cfg.yml")
     out = tmp_path / "out"
-    assert not cli_mod.try_fast([path, str(out), "--quiet", "-v"])
-    assert "simulated failure" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_mod.main([path, str(out), "--quiet", "-v"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "simulated failure" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    _main([path, str(out), "--quiet"])  # main: the fast path fails, the fallback writes the merge
-    assert load(out).keys() == load(fam[0]).keys()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: --cuda variant needs CUDA")
@@ -223,8 +227,12 @@ def _opts(**kw) -> dict:
 
 
 def _reason(cfg: dict, tmp: Path, argv=(), out=None):
+    """The plan, or the reason the fast path gives for not reproducing the run."""
     path = _write(cfg, tmp / "cfg.yml")
-    return plan_fast(_opts(argv=list(argv)), path, str(out or tmp / "out"))
+    try:
+        return plan_fast(_opts(argv=list(argv)), path, str(out or tmp / "out"))
+    except Unsupported as exc:
+        return str(exc)
 
 
 @pytest.mark.parametrize("flag", ["--no-safe-serialization", "--read-to-gpu", "--low-cpu-memory", "--multi-gpu",
@@ -274,7 +282,8 @@ def test_configs_that_fall_back(fam, fam32, tmp_path):
     for expect, cfg in cases.items():
         reason = _reason(cfg, tmp_path)
         assert isinstance(reason, str) and expect in reason, (expect, reason)
-    assert "overlaps" in _reason(_edit(fam), tmp_path, out=Path(fam[0]) / "merged")
+    with pytest.raises(MergeError, match="overlaps"):  # a refusal, not a reason to fall back
+        _reason(_edit(fam), tmp_path, out=Path(fam[0]) / "merged")
 
 
 def test_inputs_that_fall_back(fam, tmp_path):

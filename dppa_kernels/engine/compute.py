@@ -14,7 +14,7 @@ from ..backends.base import ApplyPlan
 from ..backends.registry import get_backend
 from ..spec import CombineSpec, SparsifySpec
 from .config import is_dppa
-from .errors import MergeError
+from .errors import MergeError, brief, clip
 from .workspace import Workspace
 
 STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -43,7 +43,7 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
         if not bool(torch.isfinite(d.sum())):
             bad = int((~torch.isfinite(d)).sum())
             if bad:
-                raise MergeError(f"tensor {task.name!r}: the delta of model {label!r} has {bad} NaN/Inf value(s)")
+                raise MergeError(f"tensor {brief(task.name)}: the delta of model {brief(label)} has {bad} NaN/Inf value(s)")
         deltas.append(d)
         del d
     return base, deltas
@@ -60,7 +60,8 @@ def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
     for lv, a, label in zip(levels, given, labels):
         a = default_alphas(len(lv)) if a is None else list(a)
         if len(a) != len(lv):
-            raise MergeError(f"model {label!r}: alphas {a} must have one factor per density level {lv}")
+            raise MergeError(f"model {brief(label)}: alphas {brief(a)} must have one factor per density level "
+                             f"{brief(lv)}")
         out.append(a)
     return out
 
@@ -74,7 +75,7 @@ def specs_for(task, method: str, n: int, *, levels=None, unit_densities=None, la
     alphas = dppa_alphas(task, levels, labels)
     mode = task.dppa_params.get("nonunit_mode", "dense")
     if mode not in ("dense", "official", "base", "prune"):
-        raise MergeError(f"nonunit_mode must be one of dense, official, base, prune; got {mode!r}")
+        raise MergeError(f"nonunit_mode must be one of dense, official, base, prune; got {brief(mode)}")
     p["alphas"] = alphas
     p["densities"] = unit_densities if task.unit else levels
     w, specs, combine = preset(method, n, p)
@@ -98,7 +99,7 @@ def merge_tensor(task, base: torch.Tensor, deltas: list, weights, specs, combine
         return merge_deltas(deltas, base, specs=specs, combine=combine, weights=weights, seed=seed, name=task.name,
                             out_dtype=task.out_dtype, check_finite=False, backend=backend, plans_out=plans_out)
     except (ValueError, TypeError) as exc:
-        raise MergeError(f"tensor {task.name!r}: {exc}") from None
+        raise MergeError(f"tensor {brief(task.name)}: {clip(exc)}") from None
 
 
 def band_stats(hist: torch.Tensor, spec: SparsifySpec) -> tuple[list, float]:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..methods import GLOBAL, METHODS
-from .errors import MergeError
+from .errors import MergeError, brief, clip
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 MODEL_KEYS = ("model", "parameters")
@@ -34,6 +34,9 @@ DPPA_GLOBAL = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "dens
 ADVANCED_GLOBAL = tuple(k for k in GLOBAL if k not in BASE_GLOBAL)
 # Values that are lists by nature, never gradients.
 LIST_VALUED = ("densities", "alphas", "density_clamp")
+# Values (scalars, list items, mapping entries) a config may hold once aliases are expanded; real
+# configs hold hundreds. A YAML "alias bomb" of a few lines expands to billions.
+MAX_CONFIG_VALUES = 1_000_000
 
 
 def is_dppa(method: str) -> bool:
@@ -69,7 +72,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def _method(cls, v: str) -> str:
         if v not in SUPPORTED_METHODS:
-            raise ValueError(f"unknown merge_method {v!r}{_hint(v, SUPPORTED_METHODS)}; valid: "
+            raise ValueError(f"unknown merge_method {brief(v)}{_hint(v, SUPPORTED_METHODS)}; valid: "
                              f"{', '.join(SUPPORTED_METHODS)}")
         return v
 
@@ -77,7 +80,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def _dtype(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and v not in DTYPE_NAMES:
-            raise ValueError(f"unsupported dtype {v!r}; valid: {', '.join(DTYPE_NAMES)}")
+            raise ValueError(f"unsupported dtype {brief(v)}; valid: {', '.join(DTYPE_NAMES)}")
         return v
 
     @field_validator("models")
@@ -89,7 +92,9 @@ class MergeConfig(BaseModel):
 
 
 def _hint(key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    if not isinstance(key, str) or len(key) > 64:
+        return ""
+    close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -98,9 +103,9 @@ def _check_keys(d: dict, valid: tuple, where: str, src: str) -> None:
         if k in valid:
             continue
         if where == "top level" and k in MERGEKIT_UNSUPPORTED:
-            raise MergeError(f"{src}: key {k!r} is not supported by dppa merge (only models: lists); "
+            raise MergeError(f"{src}: key {brief(k)} is not supported by dppa merge (only models: lists); "
                              f"valid top-level keys: {', '.join(valid)}")
-        raise MergeError(f"{src}: unknown key {k!r} at {where}{_hint(k, valid)}; valid keys: {', '.join(valid)}")
+        raise MergeError(f"{src}: unknown key {brief(k)} at {where}{_hint(k, valid)}; valid keys: {', '.join(valid)}")
 
 
 def _check_setting(name: str, value: Any, where: str, src: str) -> None:
@@ -115,28 +120,28 @@ def _check_setting(name: str, value: Any, where: str, src: str) -> None:
             if isinstance(item, dict):
                 bad = set(item) - {"filter", "value"}
                 if bad or "value" not in item:
-                    raise MergeError(f"{src}: parameter {name!r} at {where}: a condition must have keys "
-                                     f"'value' and optional 'filter', got {sorted(item)}")
+                    raise MergeError(f"{src}: parameter {brief(name)} at {where}: a condition must have keys "
+                                     f"'value' and optional 'filter', got {brief(sorted(map(str, item)))}")
                 _check_setting(name, item["value"], where, src)
             elif not isinstance(item, scalar + (list,)):
-                raise MergeError(f"{src}: parameter {name!r} at {where}: unsupported value {item!r}")
+                raise MergeError(f"{src}: parameter {brief(name)} at {where}: unsupported value {brief(item)}")
         return
-    raise MergeError(f"{src}: parameter {name!r} at {where}: unsupported value {value!r}")
+    raise MergeError(f"{src}: parameter {brief(name)} at {where}: unsupported value {brief(value)}")
 
 
 def _check_params(params: Optional[dict], method: str, where: str, src: str, per_model: bool) -> None:
     if not params:
         return
     if not isinstance(params, dict):
-        raise MergeError(f"{src}: parameters at {where} must be a mapping, got {params!r}")
+        raise MergeError(f"{src}: parameters at {where} must be a mapping, got {brief(params)}")
     pm, gl = per_model_keys(method), global_only_keys(method)
     valid = pm if per_model else pm + gl
     for k, v in params.items():
         if k not in valid:
             if per_model and k in gl:
-                raise MergeError(f"{src}: parameter {k!r} at {where} is global for {method}; set it under "
+                raise MergeError(f"{src}: parameter {brief(k)} at {where} is global for {method}; set it under "
                                  f"the top-level parameters (per-model parameters: {', '.join(pm)})")
-            raise MergeError(f"{src}: unknown parameter {k!r} at {where} for merge_method {method}"
+            raise MergeError(f"{src}: unknown parameter {brief(k)} at {where} for merge_method {method}"
                              f"{_hint(k, valid)}; valid: {', '.join(valid)}")
         _check_setting(k, v, where, src)
 
@@ -156,25 +161,68 @@ def parse_config(data: Any, src: str = "config") -> MergeConfig:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "top level"
         msg = err["msg"].removeprefix("Value error, ")
-        raise MergeError(f"{src}: {loc}: {msg}") from None
+        raise MergeError(f"{src}: {clip(loc)}: {msg}") from None  # msg: our validators, values brief-ed
     _check_params(cfg.parameters, cfg.merge_method, "parameters", src, per_model=False)
     for i, m in enumerate(cfg.models):
-        _check_params(m.parameters, cfg.merge_method, f"models[{i}] ({m.model})", src, per_model=True)
+        _check_params(m.parameters, cfg.merge_method, f"models[{i}] ({clip(m.model)})", src, per_model=True)
     return cfg
+
+
+def _count_values(data, limit: int) -> int:
+    """Values in ``data`` with aliases expanded (a shared list counts each time it is used),
+    computed once per distinct object; stops counting past ``limit``."""
+    seen: dict = {}
+
+    def count(obj) -> int:
+        if not isinstance(obj, (list, dict)):
+            return 1
+        key = id(obj)
+        if key not in seen:
+            seen[key] = 0  # a cycle (impossible from safe_load) counts once
+            items = list(obj.items()) if isinstance(obj, dict) else obj
+            total = 1
+            for item in items:
+                total += sum(count(x) for x in item) if isinstance(obj, dict) else count(item)
+                if total > limit:
+                    break
+            seen[key] = total
+        return seen[key]
+
+    return count(data)
+
+
+def read_yaml(path: str) -> tuple[Any, str]:
+    """(parsed document, text) of a YAML file: UTF-8 text, safe constructs only (no tags run
+    code), at most ``MAX_CONFIG_VALUES`` values once aliases are expanded."""
+    shown = clip(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise MergeError(f"config {shown}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"config {shown}: not a text file (not UTF-8 at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise MergeError(f"config {shown}: invalid YAML{where}: {clip(what)}") from None
+    except (ValueError, RecursionError) as exc:  # a value YAML parses but Python cannot build
+        raise MergeError(f"config {shown}: invalid YAML: {clip(exc) or type(exc).__name__}") from None
+    if _count_values(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise MergeError(f"config {shown}: the document expands to more than {MAX_CONFIG_VALUES:,} values "
+                         f"(YAML aliases nested too deep); refused")
+    return data, text
 
 
 def load_config(path: str) -> tuple[MergeConfig, str]:
     """(validated config, raw YAML text) of a config file."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise MergeError(f"config {path}: cannot read ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MergeError(f"config {path}: invalid YAML: {exc}") from None
-    return parse_config(data, src=path), text
+    data, text = read_yaml(path)
+    return parse_config(data, src=clip(path)), text
 
 
 Setting = Union[bool, int, float, str, list, dict, None]

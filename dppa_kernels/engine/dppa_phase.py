@@ -13,13 +13,13 @@ from ..ops import dp_densities, tensor_histogram
 from ..spec import SparsifySpec
 from .compute import STATS_DTYPES, band_stats, dppa_alphas, form_deltas
 from .workspace import Workspace
-from .errors import MergeError
+from .errors import MergeError, brief, clip
 
 
 def stats_dtype(plan) -> torch.dtype:
     name = (plan.cfg.parameters or {}).get("stats_dtype", "bfloat16")
     if name not in STATS_DTYPES:
-        raise MergeError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {name!r}")
+        raise MergeError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {brief(name)}")
     return STATS_DTYPES[name]
 
 
@@ -76,7 +76,7 @@ def allocate(plan, hists, labels, *, backend: str, sdtype: torch.dtype) -> tuple
             alloc = dp_densities({n: h for n, h in hists[i].items()}, densities=plan.levels[i], layers=layers,
                                  stats_dtype=sdtype, backend=backend, **kw)
         except (ValueError, TypeError) as exc:
-            raise MergeError(f"model {label!r}: DPPA allocation failed: {exc}") from None
+            raise MergeError(f"model {brief(label)}: DPPA allocation failed: {clip(exc)}") from None
         dens[i] = alloc.densities
         report["models"].append({
             "model": label, "levels": plan.levels[i],

@@ -13,7 +13,7 @@ import math
 from typing import Any, Optional
 
 from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
-from .errors import MergeError
+from .errors import MergeError, brief
 
 BOOL_KEYS = ("normalize", "int8_mask")
 UNIT_INTERVAL = ("density", "sparsity", "gamma", "epsilon")
@@ -56,20 +56,20 @@ def depth_t(layer: Optional[int], n_layers: int) -> float:
 
 def _check_value(key: str, v: Any, where: str) -> Any:
     if key in BOOL_KEYS and not isinstance(v, bool):
-        raise MergeError(f"{where}: {key} must be true or false, got {v!r}")
+        raise MergeError(f"{where}: {key} must be true or false, got {brief(v)}")
     if key in UNIT_INTERVAL or key in ("weight", "lambda", "offset_lambda", "outlier_mult_layer",
                                        "outlier_mult_unit"):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise MergeError(f"{where}: {key} must be a finite number, got {v!r}")
+            raise MergeError(f"{where}: {key} must be a finite number, got {brief(v)}")
         if key in UNIT_INTERVAL and not 0.0 <= v <= 1.0:
             raise MergeError(f"{where}: {key} = {v} is outside [0, 1]")
         return float(v)
     if key in ("densities", "alphas", "density_clamp"):
         if not isinstance(v, list) or not v or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-            raise MergeError(f"{where}: {key} must be a non-empty list of numbers, got {v!r}")
+            raise MergeError(f"{where}: {key} must be a non-empty list of numbers, got {brief(v)}")
         if key == "densities" and any(not 0.0 <= x <= 1.0 for x in v):
-            raise MergeError(f"{where}: densities {v} has a value outside [0, 1]")
+            raise MergeError(f"{where}: densities {brief(v)} has a value outside [0, 1]")
         return [float(x) for x in v]
     return v
 
@@ -93,7 +93,7 @@ class ParamResolver:
         t = depth_t(layer, self.n_layers)
         out = []
         for i, mp in enumerate(self.models):
-            where = f"model {self.cfg.models[i].model!r}, tensor {name!r}"
+            where = f"model {brief(self.cfg.models[i].model)}, tensor {brief(name)}"
             v = self._eval(key, mp[key], name, t, where) if key in mp else None
             if v is None and key in self.glob:
                 v = self._eval(key, self.glob[key], name, t, where)
@@ -103,7 +103,7 @@ class ParamResolver:
     def global_value(self, key: str, name: str, layer: Optional[int]) -> Any:
         if key not in self.glob:
             return None
-        return self._eval(key, self.glob[key], name, depth_t(layer, self.n_layers), f"tensor {name!r}")
+        return self._eval(key, self.glob[key], name, depth_t(layer, self.n_layers), f"tensor {brief(name)}")
 
     def for_tensor(self, name: str, layer: Optional[int]) -> tuple[dict, dict]:
         """(parameters for ``methods.preset``, DPPA allocation parameters) of one tensor."""
@@ -138,13 +138,13 @@ class ParamResolver:
                 if src is not None:
                     setting = src[key]
                     if not (_scalar(setting) or key == "densities"):
-                        raise MergeError(f"model {label!r}: {key} for {self.method} is a whole-model allocation "
-                                         f"level and cannot be a gradient or filter list, got {setting!r}")
+                        raise MergeError(f"model {brief(label)}: {key} for {self.method} is a whole-model allocation "
+                                         f"level and cannot be a gradient or filter list, got {brief(setting)}")
                     found[key] = _check_value(key, evaluate(setting, "", 0.0, key in LIST_VALUED),
-                                              f"model {label!r}")
+                                              f"model {brief(label)}")
             own = [k for k in ("densities", "density", "sparsity") if k in mp]
             if len(own) > 1:
-                raise MergeError(f"model {label!r}: set only one of densities, density, sparsity (got {own})")
+                raise MergeError(f"model {brief(label)}: set only one of densities, density, sparsity (got {brief(own)})")
             key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
             if key is None:
                 out.append([0.1, 0.2])
@@ -155,5 +155,5 @@ class ParamResolver:
             else:
                 out.append([1.0 - found[key]])
             if any(b < a for a, b in zip(out[-1], out[-1][1:])):
-                raise MergeError(f"model {label!r}: densities {out[-1]} must be non-decreasing so the bands nest")
+                raise MergeError(f"model {brief(label)}: densities {brief(out[-1])} must be non-decreasing so the bands nest")
         return out

@@ -16,7 +16,7 @@ from .. import _validate as V
 from ..methods import preset
 from ..reference.naming import DEFAULT_LAYER_PATTERN, DEFAULT_UNIT_PATTERN, group_units
 from .config import MergeConfig, is_dppa
-from .errors import MergeError
+from .errors import MergeError, brief, clip
 from .params import ParamResolver
 from .source import ModelSource
 
@@ -77,17 +77,41 @@ def _vocab_size(src: ModelSource) -> Optional[int]:
     return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
 
 
+def _architecture(src: ModelSource) -> Optional[tuple]:
+    cfg = src.config if isinstance(src.config, dict) else None
+    if cfg is None or ("model_type" not in cfg and "architectures" not in cfg):
+        return None
+    archs = cfg.get("architectures")
+    return cfg.get("model_type"), tuple(archs) if isinstance(archs, list) else archs
+
+
+def check_architectures(base: ModelSource, models: list, allow: bool) -> None:
+    """Refuse models whose config.json ``model_type`` or ``architectures`` differ from the base
+    model's (mergekit's rule; ``allow``: its ``--allow-crimes`` override)."""
+    want = _architecture(base)
+    if allow or want is None:
+        return
+    for m in models:
+        got = _architecture(m)
+        if got is not None and got != want:
+            raise MergeError(f"model {brief(m.label)} is a {brief(got[0])} {brief(got[1])} model, base model "
+                             f"{brief(base.label)} a {brief(want[0])} {brief(want[1])} one (config.json model_type / "
+                             f"architectures differ); pass --allow-crimes to merge them anyway")
+
+
 def _check_inputs(base: ModelSource, models: list, truncate_vocab: bool) -> dict:
     """{tensor: rows to keep} for vocabulary tensors that are cut; raises on any mismatch."""
     cuts = {}
     for m in models:
         missing = [k for k in base.tensors if k not in m.tensors]
         if missing:
-            raise MergeError(f"model {m.label!r}: tensor {missing[0]!r} (present in base model {base.label!r}) is "
+            raise MergeError(f"model {brief(m.label)}: tensor {brief(missing[0])} (present in base model "
+                             f"{brief(base.label)}) is "
                              f"missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         extra = [k for k in m.tensors if k not in base.tensors]
         if extra:
-            raise MergeError(f"model {m.label!r}: tensor {extra[0]!r} is missing from base model {base.label!r}"
+            raise MergeError(f"model {brief(m.label)}: tensor {brief(extra[0])} is missing from base model "
+                             f"{brief(base.label)}"
                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
         for name, bi in base.tensors.items():
             mi = m.tensors[name]
@@ -96,13 +120,13 @@ def _check_inputs(base: ModelSource, models: list, truncate_vocab: bool) -> dict
             vocab = (len(bi.shape) == 2 and len(mi.shape) == 2 and mi.shape[1] == bi.shape[1]
                      and (VOCAB_NAMES.search(name) or mi.shape[0] == _vocab_size(m)))
             if not vocab:
-                raise MergeError(f"tensor {name!r}: shape {list(mi.shape)} in model {m.label!r} differs from "
-                                 f"{list(bi.shape)} in base model {base.label!r}")
+                raise MergeError(f"tensor {brief(name)}: shape {brief(list(mi.shape))} in model {brief(m.label)} "
+                                 f"differs from {brief(list(bi.shape))} in base model {brief(base.label)}")
             if not truncate_vocab or mi.shape[0] < bi.shape[0]:
                 how = ("pass --truncate-vocab to cut the fine-tuned rows to the base's"
                        if mi.shape[0] > bi.shape[0] else "the fine-tuned model has fewer rows; cannot truncate")
-                raise MergeError(f"vocabulary size mismatch in tensor {name!r}: {mi.shape[0]} rows in model "
-                                 f"{m.label!r}, {bi.shape[0]} in base model {base.label!r}; {how}")
+                raise MergeError(f"vocabulary size mismatch in tensor {brief(name)}: {mi.shape[0]} rows in model "
+                                 f"{brief(m.label)}, {bi.shape[0]} in base model {brief(base.label)}; {how}")
             cuts[name] = bi.shape[0]
     return cuts
 
@@ -118,7 +142,7 @@ def _check_params(task: TensorTask, method: str, n: int) -> None:
             V.check_sparsify_spec(s, f"model {i}")
         V.check_combine_spec(combine)
     except (ValueError, TypeError) as exc:
-        raise MergeError(f"tensor {task.name!r}: invalid parameters for {method}: {exc}") from None
+        raise MergeError(f"tensor {brief(task.name)}: invalid parameters for {method}: {clip(exc)}") from None
 
 
 def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: Optional[str],
@@ -126,7 +150,7 @@ def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: 
     """``order``: output tensor order (and so shard contents): "natural" (layer 2 before layer 10)
     or "name" (plain string order, the order mergekit 0.1.5's executor writes tensors in)."""
     if order not in TENSOR_ORDERS:
-        raise MergeError(f"tensor order must be one of {', '.join(TENSOR_ORDERS)}, got {order!r}")
+        raise MergeError(f"tensor order must be one of {', '.join(TENSOR_ORDERS)}, got {brief(order)}")
     cuts = _check_inputs(base, models, truncate_vocab)
     glob = cfg.parameters or {}
     layer_pat = glob.get("layer_pattern", DEFAULT_LAYER_PATTERN)

@@ -20,12 +20,13 @@ from tqdm import tqdm
 from .. import __version__
 from ..backends.registry import resolve
 from .background_writer import BackgroundWriter
-from .config import is_dppa, load_config
+from .config import DTYPE_NAMES, is_dppa, load_config
 from .compute import form_deltas, merge_tensor, realised_density, specs_for
 from .dppa_phase import allocate, collect, resident_fits, stats_dtype, unit_report
-from .errors import MergeError
-from .outdir import REPORT, check_output, copy_side_files, discard, finalize
-from .plan import build_plan
+from .errors import MergeError, brief, clip
+from .outdir import (REPORT, check_output, check_side_files, copy_side_files, discard, drop_unfinished, finalize,
+                     output_lock, side_sources, write_text)
+from .plan import build_plan, check_architectures
 from .prefetch import prefetch
 from .shards import JOURNAL, Journal, ShardWriter, write_json_atomic
 from .source import ModelSource
@@ -47,6 +48,7 @@ class MergeOptions:
     seed: int = 0
     progress: bool = True
     allow_pickle: bool = False
+    allow_crimes: bool = False  # merge models whose config.json model_type / architectures differ
     truncate_vocab: bool = False
     resident: str = "auto"
     prefetch: int = 2
@@ -58,14 +60,14 @@ def _device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise MergeError(f"--device {name!r} is not a device (use cpu or cuda[:N])") from None
+        raise MergeError(f"--device {brief(name)} is not a device (use cpu or cuda[:N])") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise MergeError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}")
+            raise MergeError(f"--device {brief(name)}: no CUDA GPU is visible to torch {torch.__version__}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MergeError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+            raise MergeError(f"--device {brief(name)}: only {torch.cuda.device_count()} GPU(s) visible")
     elif dev.type != "cpu":
-        raise MergeError(f"--device {name!r}: only cpu and cuda[:N] are supported")
+        raise MergeError(f"--device {brief(name)}: only cpu and cuda[:N] are supported")
     return dev
 
 
@@ -83,34 +85,56 @@ def _bar(opts, total, desc):
 
 
 def run_merge(config_path: str, opts: MergeOptions) -> dict:
-    """Run one merge; returns the report (also written to ``merge_report.json``)."""
+    """Run one merge; returns the report (also written to ``merge_report.json``).
+
+    Holds an exclusive lock on ``opts.out`` for the whole run (a concurrent merge into the same
+    folder fails at once). A fresh run that fails leaves nothing behind; a resumed run that fails
+    keeps its temporary folder for the next ``--resume``."""
     t0 = time.perf_counter()
-    timings = {}
     cfg, yaml_text = load_config(config_path)
+    if opts.out_dtype is not None and opts.out_dtype not in DTYPE_NAMES:
+        raise MergeError(f"--dtype {brief(opts.out_dtype)} is not supported; valid: {', '.join(DTYPE_NAMES)}")
     device = _device(opts.device)
     try:
         be_name = resolve(opts.backend, device)
     except (ValueError, RuntimeError) as exc:
-        raise MergeError(f"--backend {opts.backend}: {exc}") from None
+        raise MergeError(f"--backend {brief(opts.backend)}: {clip(exc)}") from None
     if cfg.tokenizer_source == "union":
         raise MergeError("tokenizer_source: union is not supported (use base or a model path)")
     base = ModelSource(cfg.base_model, cfg.base_model, allow_pickle=opts.allow_pickle)
     models = [ModelSource(m.model, m.model, allow_pickle=opts.allow_pickle) for m in cfg.models]
-    labels = [m.label for m in models]
+    inputs = [(s.label, s.path) for s in [base] + models]
     tok = base.path
     if cfg.tokenizer_source not in (None, "base"):
         tok = os.path.abspath(os.path.expanduser(cfg.tokenizer_source))
         if not os.path.isdir(tok):
-            raise MergeError(f"tokenizer_source {cfg.tokenizer_source!r}: folder {tok} does not exist")
+            raise MergeError(f"tokenizer_source {brief(cfg.tokenizer_source)}: folder {clip(tok)} does not exist")
+        inputs.append(("tokenizer_source", tok))
+    check_architectures(base, models, opts.allow_crimes)
     plan = build_plan(cfg, base, models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
                       truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
-    tmp, resuming = check_output(opts.out, [(s.label, s.path) for s in [base] + models],
-                                 force=opts.force, resume=opts.resume)
-    timings["plan_s"] = time.perf_counter() - t0
+    check_side_files(side_sources(base.path, tok))
+    fingerprint = _fingerprint(cfg, plan, opts)  # reads every input file: before anything is created
+    try:
+        with output_lock(opts.out):
+            tmp, resuming = check_output(opts.out, inputs, force=opts.force, resume=opts.resume,
+                                         config=os.path.abspath(config_path))
+            return _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name,
+                          opts, t0)
+    finally:
+        for s in [base] + models:
+            s.close()
+
+
+def _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name, opts, t0) -> dict:
+    """Everything after the checks: the merge into ``tmp``, side files, report, rename into place."""
+    timings = {"plan_s": time.perf_counter() - t0}
+    labels = [m.label for m in models]
+    journal = Journal(tmp, fingerprint)
+    dropped = journal.load_verified() if resuming else []  # a refusal here leaves the partial intact
     writer = None
     try:
-        journal = Journal(tmp, _fingerprint(cfg, plan, opts))
-        dropped = journal.load_verified() if resuming else []
+        drop_unfinished(tmp)
         writer = BackgroundWriter(ShardWriter(tmp, plan, journal))
         todo = [t for t in plan.tasks if not writer.is_done(t.shard)]
         pin = device.type == "cuda"
@@ -164,26 +188,19 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
         writer.write_index()
         out_name = str(plan.tasks[0].out_dtype).replace("torch.", "") if plan.tasks else None
         copied = copy_side_files(tmp, base.path, tok, out_name)
-        with open(os.path.join(tmp, "mergekit_config.yml"), "w") as f:
-            f.write(yaml_text)
+        write_text(os.path.join(tmp, "mergekit_config.yml"), yaml_text)
         timings["total_s"] = time.perf_counter() - t0
         report = _report(cfg, plan, opts, be_name, device, timings, report_tensors, dppa_report, copied,
                          resuming, dropped, writer)
         write_json_atomic(os.path.join(tmp, REPORT), report)
         finalize(tmp, opts.out, drop=[JOURNAL, ALLOC_CACHE])
         return report
-    except KeyboardInterrupt:
+    except BaseException as exc:
         if writer is not None:
             writer.abort()
+        if not (resuming or isinstance(exc, KeyboardInterrupt)):
+            discard(tmp)  # a fresh run leaves nothing; an interrupted or resumed one stays resumable
         raise
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        discard(tmp)
-        raise
-    finally:
-        for s in [base] + models:
-            s.close()
 
 
 def _phase1(plan, tmp, resuming, todo, labels, load, device, be_name, opts):
@@ -194,10 +211,13 @@ def _phase1(plan, tmp, resuming, todo, labels, load, device, be_name, opts):
     t1 = time.perf_counter()
     units = [t for t in plan.tasks if t.unit]
     if resuming and os.path.exists(cache):
-        with open(cache) as f:
-            c = json.load(f)
-        dens = {int(k): v for k, v in c["densities"].items()}
-        return dens, c["report"], c["units"], {}, {"phase1_s": 0.0, "phase1_cached": True}
+        try:
+            with open(cache) as f:
+                c = json.load(f)
+            dens = {int(k): v for k, v in c["densities"].items()}
+            return dens, c["report"], c["units"], {}, {"phase1_s": 0.0, "phase1_cached": True}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable (the run died while writing it): compute the statistics again
     resident = resident_fits(plan, device, opts.resident)
     bar = _bar(opts, len(units), "phase 1/2 statistics")
     hists, kept = collect(plan, prefetch(units, load, device, depth=opts.prefetch, progress=bar), labels,

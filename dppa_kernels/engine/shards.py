@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, clip, write_failed
 from .st_format import plan_header, tensor_bytes
 
 JOURNAL = "journal.json"
@@ -30,11 +30,14 @@ def shard_name(i: int, n: int) -> str:
 
 def write_json_atomic(path: str, obj) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failed(tmp, exc) from None
 
 
 def file_sha256(path: str) -> str:
@@ -63,8 +66,8 @@ class Journal:
         except (OSError, json.JSONDecodeError):
             return ["journal.json (unreadable)"]
         if data.get("fingerprint") != self.fingerprint:
-            raise MergeError(f"{os.path.dirname(self.path)} holds an interrupted merge of a different config, "
-                             f"inputs or options; rerun with --force to start over")
+            raise MergeError(f"{clip(os.path.dirname(self.path))} holds an interrupted merge of a different config, "
+                             f"inputs or options (it is kept); rerun with --force to start over")
         dropped = []
         for fn, digest in data.get("done", {}).items():
             p = os.path.join(os.path.dirname(self.path), fn)
@@ -110,9 +113,7 @@ class ShardWriter:
         try:
             return fn()
         except OSError as exc:
-            target = getattr(self, "partial", self.tmpdir)
-            raise MergeError(f"writing {target} failed: {exc.strerror or exc} (no output was written; "
-                             f"free space or fix permissions and rerun)") from None
+            raise write_failed(getattr(self, "partial", self.tmpdir), exc) from None
 
     def add(self, task, tensor: torch.Tensor) -> None:
         if self.cur != task.shard:

@@ -11,6 +11,7 @@ streams tensors into a shard whose header is known in advance, so no shard is ev
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import mmap
 import os
@@ -22,7 +23,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, brief, clip
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -53,46 +54,144 @@ class TensorInfo:
         return n
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _header_length(f: BinaryIO, path: str, size: int) -> int:
+    """The header's byte length; never echoes the file's bytes (it may be any file)."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise MergeError(f"{clip(path)}: not a safetensors file ({size} bytes, too short for a header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER or 8 + n > size:
+        raise MergeError(f"{clip(path)}: not a safetensors file, or a corrupt or truncated one (its header "
+                         f"length field does not fit the file's {size} bytes)")
+    return n
+
+
+def _parse_header(path: str, raw: bytes) -> dict:
+    if not raw.startswith(b"{"):
+        raise MergeError(f"{clip(path)}: not a safetensors file, or a corrupt one (the header is not a JSON object)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        raise MergeError(f"{clip(path)}: corrupt safetensors header: key {brief(exc.key)} appears twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MergeError(f"{clip(path)}: not a safetensors file, or a corrupt one (the header is not UTF-8 "
+                         f"JSON)") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{clip(path)}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(path: str, name: str, meta, start: int) -> TensorInfo:
+    """One tensor's header entry, every field checked (as strictly as the safetensors library)."""
+    where = f"{clip(path)}: tensor {brief(name)}"
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise MergeError(f"{where}: header entry {brief(meta)} needs dtype, shape and data_offsets")
+    dtype = DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    if dtype is None:
+        raise MergeError(f"{where}: unknown or unsupported dtype {brief(meta['dtype'])} "
+                         f"(supported: {', '.join(DTYPES)})")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(_count(s) for s in shape):
+        raise MergeError(f"{where}: shape {brief(shape)} is not a list of non-negative integers")
+    offs = meta["data_offsets"]
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_count(x) for x in offs) or offs[0] > offs[1]:
+        raise MergeError(f"{where}: data_offsets {brief(offs)} is not a [begin, end] pair of byte offsets "
+                         f"with 0 <= begin <= end")
+    info = TensorInfo(name, path, dtype, tuple(shape), start + offs[0], start + offs[1])
+    want = info.numel * torch.empty((), dtype=dtype).element_size()
+    if offs[1] - offs[0] != want:
+        raise MergeError(f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but shape "
+                         f"{brief(shape)} {meta['dtype']} needs {want}")
+    return info
+
+
+def _check_layout(path: str, infos: list, start: int, size: int) -> None:
+    """The tensors' bytes must tile the data section exactly: contiguous, no overlap, no gap,
+    nothing after the last tensor (safetensors' own rule)."""
+    pos = start
+    prev = None
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.end > size:
+            raise MergeError(f"{clip(path)}: truncated shard: tensor {brief(info.name)} ends at byte {info.end}, "
+                             f"file has {size} bytes")
+        if info.begin != pos:
+            what = (f"overlaps tensor {brief(prev.name)}" if info.begin < pos and prev is not None
+                    else f"starts {info.begin - pos} bytes after the previous tensor's end")
+            raise MergeError(f"{clip(path)}: corrupt safetensors header: the data of tensor {brief(info.name)} "
+                             f"{what} (data_offsets must be contiguous)")
+        pos, prev = info.end, info
+    if pos != size:
+        raise MergeError(f"{clip(path)}: corrupt safetensors file: {size - pos} bytes after the last tensor are "
+                         f"not described by the header")
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+    """Parse and check a safetensors header: every field valid, the tensors' bytes tiling the
+    data section exactly. Errors name the file and the tensor, never the file's raw bytes."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise MergeError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or 8 + n > size:
-                raise MergeError(f"{path}: corrupt or truncated safetensors header (header length {n}, "
-                                 f"file size {size})")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MergeError(f"{path}: corrupt safetensors header ({exc})") from None
+            n = _header_length(f, path, size)
+            raw = f.read(n)
     except OSError as exc:
-        raise MergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise MergeError(f"{clip(path)}: cannot read ({exc.strerror or exc})") from None
+    header = _parse_header(path, raw)
     start = 8 + n
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            b, e = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path}: tensor {name!r} has an unsupported or corrupt header entry {meta!r}") from None
-        info = TensorInfo(name, path, dtype, shape, start + b, start + e)
-        want = info.numel * torch.empty((), dtype=dtype).element_size()
-        if e - b != want or b < 0:
-            raise MergeError(f"{path}: tensor {name!r} has {e - b} data bytes, expected {want} for "
-                             f"shape {list(shape)} {meta['dtype']}")
-        if start + e > size:
-            raise MergeError(f"{path}: truncated shard: tensor {name!r} ends at byte {start + e}, "
-                             f"file has {size} bytes")
-        out[name] = info
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise MergeError(f"{clip(path)}: corrupt safetensors header: __metadata__ must map names to strings")
+    out = {name: _entry(path, name, m, start) for name, m in header.items()}
+    _check_layout(path, list(out.values()), start, size)
     return out
+
+
+def content_digest(path: str, blocks: int = 16, block: int = 4096) -> str:
+    """A cheap content fingerprint of a weight file: its size, its safetensors header (or first
+    64 KiB) and ``blocks`` blocks sampled evenly across the rest. Reads a few dozen KiB, however
+    large the file; unlike a modification time it survives ``touch`` and copies."""
+    h = hashlib.sha256()
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            head = 8 + n if n <= MAX_HEADER and 8 + n <= size else min(size, 1 << 16)
+            f.seek(0)
+            h.update(str(size).encode() + b"|" + f.read(head))
+            span = max(size - head - block, 0)
+            for i in range(blocks):
+                f.seek(head + span * i // max(blocks - 1, 1))
+                h.update(f.read(block))
+    except OSError as exc:
+        raise MergeError(f"{clip(path)}: cannot read ({exc.strerror or exc})") from None
+    return h.hexdigest()
+
+
+def _check_still_there(f: BinaryIO, info: TensorInfo) -> None:
+    """A shard cut short after its header was read (another process rewriting it) must be an
+    error here: mapping bytes past the end of a file fails, and touching them would be SIGBUS."""
+    size = os.fstat(f.fileno()).st_size
+    if size < info.end:
+        raise MergeError(f"{clip(info.file)}: the file changed during the merge: tensor {brief(info.name)} ends at "
+                         f"byte {info.end}, the file now has {size} bytes")
 
 
 def read_tensor(f: BinaryIO, info: TensorInfo, *, pin: bool = False) -> torch.Tensor:
@@ -104,7 +203,8 @@ def read_tensor(f: BinaryIO, info: TensorInfo, *, pin: bool = False) -> torch.Te
         f.seek(info.begin)
         got = f.readinto(memoryview(buf))
         if got != nbytes:
-            raise MergeError(f"{info.file}: short read of tensor {info.name!r} ({got} of {nbytes} bytes)")
+            _check_still_there(f, info)
+            raise MergeError(f"{clip(info.file)}: short read of tensor {brief(info.name)} ({got} of {nbytes} bytes)")
     return t
 
 
@@ -152,8 +252,13 @@ def map_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     nbytes = info.end - info.begin
     if nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
+    _check_still_there(f, info)
     start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-    m = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
+    try:
+        m = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
+    except ValueError:  # the file shrank between the check and the map
+        _check_still_there(f, info)
+        raise
     _prefault(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

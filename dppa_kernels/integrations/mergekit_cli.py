@@ -1,16 +1,20 @@
 """``dppa-mergekit-yaml CONFIG OUT [mergekit options]``: ``mergekit-yaml`` with our backend.
 
-Same arguments (mergekit's own option set), same output layout. Two paths:
+Same arguments (mergekit's own option set, plus ``--no-fast-path`` and ``--allow-pickle``),
+same output layout. Two paths:
 
 * **fast path** (default when eligible, see :mod:`.mergekit_fast`): the config and options are
   entirely within what our streaming engine reproduces, so it merges directly, without importing
   mergekit, transformers or PEFT, and writes mergekit's layout.
-* **fallback**: mergekit's own pipeline with our backend installed for the run; the DPPA
-  statistics pre-pass runs first when ``merge_method`` is dppa / dppa_ties.
+* **fallback** (:mod:`.mergekit_fallback`): mergekit's own pipeline with our backend installed
+  for the run; the DPPA statistics pre-pass runs first when ``merge_method`` is dppa / dppa_ties.
 
-Both seed DARE/DELLA draws from ``--random-seed`` (default 0) and give bit-identical tensors.
-``--no-fast-path`` or ``DPPA_MERGEKIT_FAST=0`` forces the fallback; ``-v`` prints why a run
-falls back. Also runnable as ``python -m dppa_kernels.integrations.mergekit_cli``.
+Only "the fast path does not reproduce this" (:class:`.mergekit_fast.Unsupported`) hands a run to
+the fallback; a refusal (an output overlapping an input, a pickle without ``--allow-pickle``, a
+corrupt input, a NaN/Inf delta, a failed write...) ends it: one ``error: ...`` line, exit code 1.
+Both paths seed DARE/DELLA draws from ``--random-seed`` (default 0) and give bit-identical
+tensors. ``--no-fast-path`` or ``DPPA_MERGEKIT_FAST=0`` forces the fallback; ``-v`` prints why a
+run falls back. Also runnable as ``python -m dppa_kernels.integrations.mergekit_cli``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ PROG = "dppa-mergekit-yaml"
 FAST_ENV = "DPPA_MERGEKIT_FAST"
 NO_FAST = "--no-fast-path"
 _NO_FAST_HELP = f"Run mergekit's own pipeline (with our backend) even when the fast path applies [env {FAST_ENV}=0]"
+ALLOW_PICKLE = "--allow-pickle"
+_ALLOW_PICKLE_HELP = ("Accept pickle (.bin) checkpoints: they can run code when loaded; loaded only with torch >= 2.6 "
+                      "and weights_only")
 
 # mergekit 0.1.5's merge options (mergekit/options.py), mirrored so the fast path parses the
 # command line without importing mergekit: (field, kind, default)
@@ -45,7 +52,9 @@ def parse_size(value) -> int:
         return int(text)
     mult = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower())
     if mult is None or not text[:-1].isdigit():
-        raise ValueError(f"{value!r} is not a size (examples: 5B, 500M, 1000000)")
+        from ..engine.errors import brief
+
+        raise ValueError(f"{brief(value)} is not a size (examples: 5B, 500M, 1000000)")
     return int(text[:-1]) * mult
 
 
@@ -68,7 +77,8 @@ def _fast_command():
     params += [opt([f"--{n.replace('_', '-')}"], type=str, default=None) for n in _STR_OPTIONS]
     params += [opt([*flags, n], type=int, default=d) for n, d, flags in _INT_OPTIONS]
     params += [opt(["--out-shard-size", "out_shard_size"], type=Size(), default="5B"),
-               opt(["-v", "verbosity"], count=True), opt(["--gpu-rich"], is_flag=True, default=False)]
+               opt(["-v", "verbosity"], count=True), opt(["--gpu-rich"], is_flag=True, default=False),
+               opt([ALLOW_PICKLE, "allow_pickle"], is_flag=True, default=False)]
     return click.Command(PROG, params=params)
 
 
@@ -85,7 +95,8 @@ def parse_fast(args: Sequence[str]) -> Optional[dict]:
 
 
 def try_fast(args: Sequence[str]) -> bool:
-    """Run the fast path if it applies; False (nothing written) when the fallback must run."""
+    """Run the fast path if it applies; False (nothing written) when the fallback must run.
+    A refusal raises MergeError: it is never a reason to fall back."""
     opts = parse_fast(args)
     verbose = opts["verbosity"] if opts else sum(a.count("v") for a in args if a.startswith("-v"))
 
@@ -96,17 +107,13 @@ def try_fast(args: Sequence[str]) -> bool:
 
     if opts is None:
         return say("command line not understood by the fast path")
-    from .mergekit_fast import plan_fast, run_fast
-
-    plan = plan_fast(opts, opts["config_file"], opts["out_path"])
-    if isinstance(plan, str):
-        return say(plan)
-    from ..engine import MergeError
+    from .mergekit_fast import Unsupported, plan_fast, run_fast
 
     try:
-        run_fast(plan)
-    except MergeError as exc:
-        return say(f"engine: {exc}")
+        plan = plan_fast(opts, opts["config_file"], opts["out_path"])
+    except Unsupported as exc:
+        return say(str(exc))
+    run_fast(plan)
     return True
 
 
@@ -114,38 +121,49 @@ def build_command():
     """The mergekit click command; built on first use so a missing mergekit is a clear ImportError."""
     click = require("click", "mergekit", PROG)
     require("mergekit", "mergekit", PROG)
-    import yaml
-    from mergekit.config import MergeConfiguration
     from mergekit.options import PrettyPrintHelp, add_merge_options
 
-    from .mergekit import run_merge
+    from .mergekit_fallback import run_fallback
 
     @click.command(PROG, cls=PrettyPrintHelp)
     @click.argument("config_file")
     @click.argument("out_path")
     @click.option(NO_FAST, "no_fast_path", is_flag=True, help=_NO_FAST_HELP)
+    @click.option(ALLOW_PICKLE, "allow_pickle", is_flag=True, help=_ALLOW_PICKLE_HELP)
     @add_merge_options
-    def command(merge_options, config_file: str, out_path: str, no_fast_path: bool) -> None:
+    def command(merge_options, config_file: str, out_path: str, no_fast_path: bool, allow_pickle: bool) -> None:
         merge_options.apply_global_options()
-        with open(config_file, encoding="utf-8") as f:
-            source = f.read()
-        config = MergeConfiguration.model_validate(yaml.safe_load(source))
-        run_merge(config, out_path, options=merge_options, config_source=source)
+        run_fallback(config_file, out_path, merge_options, allow_pickle=allow_pickle)
 
     return command
 
 
+def _fail(message: str, code: int = 1) -> None:
+    from ..engine.errors import one_line
+
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .._exit import exit_now, unexpected
+    from ..engine.errors import MergeError
+
     args = list(sys.argv[1:] if argv is None else argv)
     fast = NO_FAST not in args and os.environ.get(FAST_ENV, "1").strip() != "0" and "--help" not in args
     args = [a for a in args if a != NO_FAST]
-    if fast and try_fast(args):
-        if argv is None:  # the console script: the output is committed, skip torch's teardown
-            from .._exit import exit_now
-
-            exit_now(0)
-        return
-    build_command()(args=args, prog_name=PROG)
+    try:
+        if fast and try_fast(args):
+            if argv is None:  # the console script: the output is committed, skip torch's teardown
+                exit_now(0)
+            return
+        build_command()(args=args, prog_name=PROG)
+    except MergeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was moved into the output folder", 130)
+    except Exception as exc:  # noqa: BLE001 (every failure of the command is one line)
+        _fail(unexpected(exc))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,12 @@ which may add default fields, rename ``torch_dtype`` to ``dtype`` and restamp
 shapes, ``format: pt`` metadata); the engine's ``merge_report.json`` is not kept (nor are its
 per-tensor realised densities computed: DELLA's would re-run the reference). The output is
 staged next to the output folder and moved in only when complete (into an existing folder file
-by file, replacing same-named files like mergekit-yaml); an engine error before that falls back.
+by file, replacing same-named files like mergekit-yaml).
+
+Not reproduced (:class:`Unsupported`) and refused (:class:`~dppa_kernels.engine.MergeError`) are
+different outcomes: the first hands the run to mergekit's pipeline, the second ends it with an
+error whichever path would run (an output overlapping an input, a corrupt, truncated or pickle
+input, a NaN/Inf delta, different architectures without ``--allow-crimes``, a failed write).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ..engine.errors import MergeError, brief, clip, write_failed
 from . import mergekit_layout as L
 
 FAST_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
@@ -77,6 +83,11 @@ _REFUSED_VALUES = ("transformers_cache", "lora_merge_cache", "lora_merge_dtype")
 _EXACT_DTYPES = {"bfloat16", "float16", "float32"}  # torch dtype names the fast path merges in
 
 
+class Unsupported(Exception):
+    """The fast path does not reproduce this run (the message says why): mergekit's own pipeline
+    runs it instead. Anything else that stops the fast path is a refusal, never a fallback."""
+
+
 @dataclass
 class FastPlan:
     """Everything the fast path needs, settled before anything is written."""
@@ -93,6 +104,7 @@ class FastPlan:
     write_card: bool
     tokenizer: list = field(default_factory=list)  # file names copied from the base model
     config_dtype: Optional[str] = None  # the dtype mergekit writes into config.json
+    allow_crimes: bool = False
 
 
 def _flag(key: str) -> str:
@@ -124,7 +136,7 @@ def _device(opts: dict) -> tuple:
         else:
             dev = "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
-        return None, f"--device {dev}"
+        return None, f"--device {brief(dev)}"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         return None, f"--device {dev} but no CUDA GPU is visible"
     return dev, ""
@@ -154,9 +166,9 @@ def _param_reason(method: str, glob: dict, models: list) -> Optional[str]:
             return f"{where} is not a mapping"
         for k, v in params.items():
             if k not in valid:
-                return f"parameter {k!r} in {where} for {method}"
+                return f"parameter {brief(k)} in {where} for {method}"
             if dppa and k not in ("weight", "normalize", "lambda") and not _plain(v):
-                return f"parameter {k!r} in {where} is not a plain value"
+                return f"parameter {brief(k)} in {where} is not a plain value"
     if not dppa:
         for i, p in enumerate(models):
             if not _covers_all(p.get("weight", glob.get("weight"))):
@@ -169,9 +181,9 @@ def _config_reason(data: Any) -> Optional[str]:
         return "the config is not a mapping"
     extra = [k for k in data if k not in TOP_KEYS]
     if extra:
-        return f"config key {extra[0]!r}"
+        return f"config key {brief(extra[0])}"
     if data.get("merge_method") not in FAST_METHODS:
-        return f"merge_method {data.get('merge_method')!r}"
+        return f"merge_method {brief(data.get('merge_method'))}"
     if not isinstance(data.get("base_model"), str):
         return "no base_model path"
     models = data.get("models")
@@ -182,12 +194,12 @@ def _config_reason(data: Any) -> Optional[str]:
             return f"models[{i}] is not a plain {{model, parameters}} entry"
     for key in ("dtype", "out_dtype"):
         if data.get(key) is not None and data[key] not in DTYPE_NAMES:
-            return f"{key} {data[key]!r}"
+            return f"{key} {brief(data[key])}"
     for ref in [data["base_model"]] + [m["model"] for m in models]:
         if "+" in ref or "@" in ref:
-            return f"model reference {ref!r} (LoRA or revision syntax)"
+            return f"model reference {brief(ref)} (LoRA or revision syntax)"
         if not os.path.isdir(ref):
-            return f"model {ref!r} is not a local folder"
+            return f"model {brief(ref)} is not a local folder"
     return None
 
 
@@ -209,22 +221,32 @@ def _engine_config(data: dict) -> Union[dict, str]:
     return reason or out
 
 
-def _inputs_reason(cfg: dict, shard_size: int) -> Optional[str]:
-    """Open every input and plan the merge with the engine (nothing is written)."""
-    from ..engine import MergeError, parse_config
-    from ..engine.plan import build_plan
-    from ..engine.source import ModelSource
+def _inputs_reason(cfg: dict, shard_size: int, opts: dict) -> Optional[str]:
+    """Open every input and plan the merge with the engine (nothing is written): the reason the
+    fast path cannot reproduce the run, or None. Raises MergeError for inputs refused on every path."""
+    from ..engine import parse_config
+    from ..engine.plan import build_plan, check_architectures
+    from ..engine.source import ModelSource, find_weights, pickle_error
 
     import torch
 
+    refs = [cfg["base_model"]] + [m["model"] for m in cfg["models"]]
+    for ref in refs:  # before any file is opened: a pickle is never loaded here
+        files, is_pickle, _ = find_weights(os.path.abspath(ref), ref)
+        if is_pickle:
+            refusal = pickle_error(ref, files, bool(opts.get("allow_pickle")))
+            if refusal:
+                raise MergeError(refusal)
+            return f"model {brief(ref)} has pickle weights"
     sources = []
     try:
-        ecfg = parse_config(cfg)
-        sources = [ModelSource(cfg["base_model"])] + [ModelSource(m["model"]) for m in cfg["models"]]
-        plan = build_plan(ecfg, sources[0], sources[1:], out_dtype=None, shard_size=shard_size,
-                          truncate_vocab=False, order="name")
-    except MergeError as exc:
-        return f"the engine cannot plan it: {exc}"
+        sources = [ModelSource(ref) for ref in refs]  # corrupt or truncated files: refused
+        check_architectures(sources[0], sources[1:], bool(opts.get("allow_crimes")))
+        try:
+            plan = build_plan(parse_config(cfg), sources[0], sources[1:], out_dtype=None, shard_size=shard_size,
+                              truncate_vocab=False, order="name")
+        except MergeError as exc:  # mergekit has its own rules here (it clamps, skips, truncates)
+            return f"the engine cannot plan it: {clip(exc)}"
     finally:
         for s in sources:
             s.close()
@@ -237,75 +259,76 @@ def _inputs_reason(cfg: dict, shard_size: int) -> Optional[str]:
         return why
     if set(names) != set(sources[0].tensors):
         extra = sorted(set(sources[0].tensors) - set(names))
-        return f"mergekit would not write the base model's tensor {extra[0]!r}" if extra else \
+        return f"mergekit would not write the base model's tensor {brief(extra[0])}" if extra else \
             "mergekit would write tensors the base model lacks"
     fixed = cfg.get("dtype") is not None
     for t in plan.tasks:
         dts = {s.tensors[t.name].dtype for s in sources}
         if not t.floating:
-            return f"tensor {t.name!r} is not floating point"
+            return f"tensor {brief(t.name)} is not floating point"
         if not fixed and len(dts) > 1:
-            return f"tensor {t.name!r} has several dtypes across the models"
+            return f"tensor {brief(t.name)} has several dtypes across the models"
         if str(t.work_dtype).replace("torch.", "") not in _EXACT_DTYPES:
-            return f"tensor {t.name!r} would merge in {t.work_dtype}"
+            return f"tensor {brief(t.name)} would merge in {t.work_dtype}"
         if t.out_dtype != t.work_dtype and t.work_dtype != torch.float32:
             return f"out_dtype {t.out_dtype} differs from the working dtype {t.work_dtype}"
     return None
 
 
-def _out_reason(out: str, cfg: dict) -> Optional[str]:
+def _check_out(out: str, cfg: dict) -> None:
+    """Refusals about the output folder (they hold for mergekit's pipeline too)."""
+    from ..engine.outdir import check_overlap
+
     if os.path.exists(out) and not os.path.isdir(out):
-        return f"output {out} exists and is not a folder"
-    real = os.path.realpath(out)
-    for ref in [cfg["base_model"]] + [m["model"] for m in cfg["models"]]:
-        p = os.path.realpath(ref)
-        if real == p or real.startswith(p + os.sep) or p.startswith(real + os.sep):
-            return f"output {out} overlaps input model {ref!r}"
-    return None
+        raise MergeError(f"output {clip(out)} exists and is not a folder")
+    check_overlap(out, [(ref, os.path.abspath(ref)) for ref in [cfg["base_model"]] + [m["model"] for m in cfg["models"]]])
 
 
-def plan_fast(opts: dict, config_file: str, out_path: str) -> Union[FastPlan, str]:
-    """A :class:`FastPlan`, or the reason (one line) why this run must take mergekit's path."""
-    import yaml
+def plan_fast(opts: dict, config_file: str, out_path: str) -> FastPlan:
+    """A :class:`FastPlan`; raises :class:`Unsupported` (one line: why this run must take mergekit's
+    path) or MergeError (refused on every path)."""
+    from ..engine.config import read_yaml
+    from ..engine.outdir import resolve_out
+    from ..engine.source import model_file
 
     reason = _option_reason(opts)
     if reason:
-        return reason
+        raise Unsupported(reason)
     if L.mergekit_dir() is None:
-        return "mergekit is not installed"
+        raise Unsupported("mergekit is not installed")
     if L.mergekit_version() != L.MERGEKIT_VERSION:
-        return f"mergekit {L.mergekit_version()} (the fast path reproduces {L.MERGEKIT_VERSION})"
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            source = f.read()
-        data = yaml.safe_load(source)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        return f"cannot read the config ({type(exc).__name__})"
+        raise Unsupported(f"mergekit {L.mergekit_version()} (the fast path reproduces {L.MERGEKIT_VERSION})")
+    data, source = read_yaml(config_file)
     reason = _config_reason(data)
     if reason:
-        return reason
+        raise Unsupported(reason)
     cfg = _engine_config(data)
     if isinstance(cfg, str):
-        return cfg
+        raise Unsupported(cfg)
     dev, why = _device(opts)
     if dev is None:
-        return why
+        raise Unsupported(why)
     size = int(opts.get("out_shard_size") or L.DEFAULT_SHARD_SIZE)
     size = size if size > 0 else 1 << 62  # mergekit: no limit
-    out = os.path.abspath(out_path)
-    reason = _out_reason(out, cfg) or _inputs_reason(cfg, size)
+    out = resolve_out(out_path)
+    _check_out(out, cfg)
+    reason = _inputs_reason(cfg, size, opts)
     if reason:
-        return reason
+        raise Unsupported(reason)
+    base = os.path.abspath(cfg["base_model"])
     tok = []
     if opts.get("copy_tokenizer", True):
-        tok = L.tokenizer_files(os.path.abspath(cfg["base_model"]))
+        tok = L.tokenizer_files(base)
         if tok is None:
-            return "mergekit would rebuild the tokenizer with transformers"
+            raise Unsupported("mergekit would rebuild the tokenizer with transformers")
+    for fn in ["config.json"] + tok:  # refuse links out of the model folder before merging
+        model_file(base, fn)
     seed = opts.get("random_seed")
     return FastPlan(config=cfg, source=source, out=out, device=dev, seed=0 if seed is None else int(seed),
                     shard_size=size, quiet=bool(opts.get("quiet")), verbosity=int(opts.get("verbosity") or 0),
                     num_threads=opts.get("num_threads"), write_card=bool(opts.get("write_model_card", True)),
-                    tokenizer=tok, config_dtype=cfg.get("out_dtype") or cfg.get("dtype"))
+                    tokenizer=tok, config_dtype=cfg.get("out_dtype") or cfg.get("dtype"),
+                    allow_crimes=bool(opts.get("allow_crimes")))
 
 
 def _setup(plan: FastPlan) -> None:
@@ -321,68 +344,38 @@ def _setup(plan: FastPlan) -> None:
             pass
 
 
-def _finish(staging: str, plan: FastPlan, report: dict) -> None:
-    """Turn the engine's folder into mergekit's layout (renames and small files only)."""
-    import json
-
-    from ..engine.shards import INDEX, shard_name
-
-    n = int(report["n_shards"])
-    shards = {shard_name(i, n) for i in range(n)}
-    if n == 1:
-        os.replace(os.path.join(staging, shard_name(0, 1)), os.path.join(staging, "model.safetensors"))
-        keep = {"model.safetensors"}
-    else:
-        with open(os.path.join(staging, INDEX), encoding="utf-8") as f:
-            index = json.load(f)
-        order = sorted(index["weight_map"])  # mergekit's output order: plain name order
-        L.write_index(os.path.join(staging, INDEX), {k: index["weight_map"][k] for k in order},
-                      int(index["metadata"]["total_size"]))
-        keep = shards | {INDEX}
-    for fn in os.listdir(staging):  # the engine's side files: config, tokenizer, report, yaml
-        if fn not in keep:
-            os.remove(os.path.join(staging, fn))
-    base = os.path.abspath(plan.config["base_model"])
-    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
-        f.write(L.output_config(os.path.join(base, "config.json"), plan.config_dtype))
-    if plan.write_card:
-        from .. import __version__
-
-        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
-            f.write(L.model_card(os.path.basename(plan.out), plan.config["merge_method"], plan.config["base_model"],
-                                 [m["model"] for m in plan.config["models"]], plan.source, __version__))
-        with open(os.path.join(staging, "mergekit_config.yml"), "w", encoding="utf-8") as f:
-            f.write(plan.source)
-    for fn in plan.tokenizer:
-        shutil.copyfile(os.path.join(base, fn), os.path.join(staging, fn))
-
-
 def run_fast(plan: FastPlan) -> dict:
-    """Merge with the engine into a staging folder, lay it out like mergekit, move it into place.
-    Raises the engine's MergeError before anything is moved to the output."""
+    """Merge with the engine into a staging folder, lay it out like mergekit and move it into
+    place, holding the output folder's lock throughout. Raises MergeError, with nothing moved
+    into the output, when the merge is refused or a write fails."""
     import yaml
 
     from ..engine import MergeOptions, run_merge
+    from ..engine.outdir import output_lock
 
     _setup(plan)
     t0 = time.perf_counter()
     parent, name = os.path.split(plan.out)
     staging = os.path.join(parent, f".{name}.dppa-fast")
-    shutil.rmtree(staging, ignore_errors=True)
-    fd, cfg_path = tempfile.mkstemp(prefix="dppa-mergekit-", suffix=".yml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(plan.config, f, sort_keys=False)
-        opts = MergeOptions(out=staging, device=plan.device, shard_size=plan.shard_size, force=True, seed=plan.seed,
-                            progress=not plan.quiet, tensor_order="name", tensor_report=False)
-        report = run_merge(cfg_path, opts)
-        _finish(staging, plan, report)
-        L.move_into(staging, plan.out)
-    except BaseException:
+    with output_lock(plan.out):
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        os.remove(cfg_path)
+        cfg_path = None
+        try:
+            fd, cfg_path = tempfile.mkstemp(prefix="dppa-mergekit-", suffix=".yml")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(plan.config, f, sort_keys=False)
+            opts = MergeOptions(out=staging, device=plan.device, shard_size=plan.shard_size, force=True,
+                                seed=plan.seed, progress=not plan.quiet, tensor_order="name", tensor_report=False,
+                                allow_crimes=plan.allow_crimes)
+            report = run_merge(cfg_path, opts)
+            L.finish_layout(staging, plan, int(report["n_shards"]))
+            L.move_into(staging, plan.out)
+        except OSError as exc:  # disk full or permissions while laying out or moving the files
+            raise write_failed(exc.filename or staging, exc) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if cfg_path is not None:
+                os.remove(cfg_path)
     if plan.verbosity:
         print(f"dppa-mergekit-yaml: fast path: {report['method']}, {report['n_tensors']} tensors on "
               f"{report['device']} ({report['backend']} backend), {time.perf_counter() - t0:.1f} s -> {plan.out}",

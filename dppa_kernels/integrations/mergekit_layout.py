@@ -9,7 +9,7 @@ Used by the fast path of ``dppa-mergekit-yaml`` (:mod:`.mergekit_fast`):
 * :func:`tokenizer_files`: the files mergekit's tokenizer copy takes from the base model, or
   ``None`` when mergekit would rebuild the tokenizer through transformers instead.
 * :func:`output_config`, :func:`model_card`, :func:`write_index`: config.json, README.md and the
-  shard index.
+  shard index; :func:`finish_layout` turns the engine's output folder into mergekit's layout.
 * :func:`move_into`: put a finished staging folder into the output folder the way mergekit
   writes into it (an existing folder is written into, same-named files are replaced).
 """
@@ -24,6 +24,8 @@ import shutil
 import string
 from functools import lru_cache
 from typing import Optional
+
+from ..engine.errors import brief
 
 MERGEKIT_VERSION = "0.1.5"
 DEFAULT_SHARD_SIZE = 5_000_000_000  # mergekit's --out-shard-size default, 5B bytes
@@ -96,19 +98,19 @@ def _config_value(cfg: dict, key: str):
 
 def _definition(cfg: dict, root: str) -> tuple[Optional[dict], str]:
     archs = cfg.get("architectures")
-    if not isinstance(archs, list) or len(archs) != 1:
-        return None, f"config.json names {archs!r} as architectures (mergekit needs exactly one)"
+    if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
+        return None, f"config.json names {brief(archs)} as architectures (mergekit needs exactly one)"
     name = archs[0]
     if name in _CODE_ARCHS:
-        return None, f"architecture {name} is defined in mergekit's code"
+        return None, f"architecture {brief(name)} is defined in mergekit's code"
     cands = _architectures(root).get(name, [])
     if len(cands) > 1:
         cands = [c for c in cands if c.get("model_type") == cfg.get("model_type")][:1]
     if not cands:
-        return None, f"no mergekit architecture definition for {name}"
+        return None, f"no mergekit architecture definition for {brief(name)}"
     d = cands[0]
     if d.get("kind", "module") != "module":
-        return None, f"architecture {name} has several modules"
+        return None, f"architecture {brief(name)} has several modules"
     return d, ""
 
 
@@ -132,7 +134,7 @@ def expected_tensors(configs: list, present: list, root: str) -> tuple[Optional[
         counts = {d["override_num_layers"]} if d.get("override_num_layers") is not None else \
             {int(_config_value(c, key)) for c in configs}
     except (KeyError, TypeError, ValueError):
-        return None, f"config.json has no integer {key!r}"
+        return None, f"config.json has no integer {brief(key)}"
     if len(counts) != 1:
         return None, f"the models have different layer counts ({sorted(counts)})"
     n = counts.pop()
@@ -198,6 +200,41 @@ def write_index(path: str, weight_map: dict, total_size: int) -> None:
     """``model.safetensors.index.json`` of a sharded output (weight_map in output order)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+
+
+def finish_layout(staging: str, plan, n_shards: int) -> None:
+    """Turn the engine's output folder ``staging`` into mergekit's layout for a fast-path ``plan``
+    (renames and small files only): shard names and index order, config.json, card, tokenizer."""
+    from ..engine.shards import INDEX, shard_name
+    from ..engine.source import model_file
+
+    n = n_shards
+    if n == 1:
+        os.replace(os.path.join(staging, shard_name(0, 1)), os.path.join(staging, "model.safetensors"))
+        keep = {"model.safetensors"}
+    else:
+        with open(os.path.join(staging, INDEX), encoding="utf-8") as f:
+            index = json.load(f)
+        order = sorted(index["weight_map"])  # mergekit's output order: plain name order
+        write_index(os.path.join(staging, INDEX), {k: index["weight_map"][k] for k in order},
+                    int(index["metadata"]["total_size"]))
+        keep = {shard_name(i, n) for i in range(n)} | {INDEX}
+    for fn in os.listdir(staging):  # the engine's side files: config, tokenizer, report, yaml
+        if fn not in keep:
+            os.remove(os.path.join(staging, fn))
+    base = os.path.abspath(plan.config["base_model"])
+    with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+        f.write(output_config(model_file(base, "config.json"), plan.config_dtype))
+    if plan.write_card:
+        from .. import __version__
+
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(os.path.basename(plan.out), plan.config["merge_method"], plan.config["base_model"],
+                               [m["model"] for m in plan.config["models"]], plan.source, __version__))
+        with open(os.path.join(staging, "mergekit_config.yml"), "w", encoding="utf-8") as f:
+            f.write(plan.source)
+    for fn in plan.tokenizer:
+        shutil.copyfile(model_file(base, fn), os.path.join(staging, fn))
 
 
 def move_into(staging: str, out: str) -> None:
