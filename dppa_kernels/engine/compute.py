@@ -1,4 +1,4 @@
-"""Per-tensor work: deltas from raw tensors, the specs of each model, the merge, realised densities."""
+"""Per-tensor work: deltas from raw tensors, the merge of one tensor by its recipe, band statistics."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as R
-from ..methods import preset
 from ..ops import merge_deltas
-from ..reference import rng
-from ..backends.base import ApplyPlan
-from ..backends.registry import get_backend
-from ..spec import CombineSpec, SparsifySpec
-from .config import is_dppa
+from ..spec import SparsifySpec
 from .errors import MergeError, brief, clip
+from .recipe import Recipe
 from .workspace import Workspace
 
 STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -49,55 +45,16 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
     return base, deltas
 
 
-def default_alphas(k: int) -> list[float]:
-    """DPPA's search start (1.8 on the top band, 0 below) for k levels."""
-    return [1.8] + [0.0] * (k - 1)
-
-
-def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
-    given = task.merge_params.get("alphas") or [None] * len(levels)
-    out = []
-    for lv, a, label in zip(levels, given, labels):
-        a = default_alphas(len(lv)) if a is None else list(a)
-        if len(a) != len(lv):
-            raise MergeError(f"model {brief(label)}: alphas {brief(a)} must have one factor per density level "
-                             f"{brief(lv)}")
-        out.append(a)
-    return out
-
-
-def specs_for(task, method: str, n: int, *, levels=None, unit_densities=None, labels=()) -> tuple:
-    """(weights, specs, combine, mode) of one tensor; mode is 'merge' or 'base' (copy the base)."""
-    p = dict(task.merge_params)
-    if not is_dppa(method):
-        w, specs, combine = preset(method, n, p)
-        return w, specs, combine, "merge"
-    alphas = dppa_alphas(task, levels, labels)
-    mode = task.dppa_params.get("nonunit_mode", "dense")
-    if mode not in ("dense", "official", "base", "prune"):
-        raise MergeError(f"nonunit_mode must be one of dense, official, base, prune; got {brief(mode)}")
-    p["alphas"] = alphas
-    p["densities"] = unit_densities if task.unit else levels
-    w, specs, combine = preset(method, n, p)
-    if task.unit or mode == "prune":
-        return w, specs, combine, "merge"
-    if mode == "base":
-        return w, specs, combine, "base"
-    if mode == "dense":
-        return w, [SparsifySpec("none")] * n, combine, "merge"
-    # official: the whole dense delta × max α (the official code's side effect, DPPA.md §3.3)
-    off = [s.with_(densities=(1.0,), alphas=(max(a),), tie_mode="ge") for s, a in zip(specs, alphas)]
-    return w, off, combine, "merge"
-
-
-def merge_tensor(task, base: torch.Tensor, deltas: list, weights, specs, combine, mode: str, *, seed: int,
-                 backend: str, plans_out: Optional[list] = None) -> torch.Tensor:
-    """The merged tensor; ``plans_out`` receives the plans the merge applied (see merge_deltas)."""
-    if mode == "base":
+def merge_tensor(task, base: torch.Tensor, deltas: list, recipe: Recipe, *, seed: int, backend: str,
+                 plans_out: Optional[list] = None) -> torch.Tensor:
+    """The merged tensor by its (validated) recipe; ``plans_out`` receives the plans the merge
+    applied (see merge_deltas)."""
+    if recipe.mode == "base":
         return base.to(task.out_dtype)
     try:
-        return merge_deltas(deltas, base, specs=specs, combine=combine, weights=weights, seed=seed, name=task.name,
-                            out_dtype=task.out_dtype, check_finite=False, backend=backend, plans_out=plans_out)
+        return merge_deltas(deltas, base, specs=list(recipe.specs), combine=recipe.combine,
+                            weights=list(recipe.weights), seed=seed, name=task.name, out_dtype=task.out_dtype,
+                            check_finite=False, backend=backend, plans_out=plans_out)
     except (ValueError, TypeError) as exc:
         raise MergeError(f"tensor {brief(task.name)}: {clip(exc)}") from None
 
@@ -116,40 +73,3 @@ def band_stats(hist: torch.Tensor, spec: SparsifySpec) -> tuple[list, float]:
         total += (c - prev) if f > 0 else 0
         prev = c
     return taus, (total / n if n else 0.0)
-
-
-def _dare_kept(delta: torch.Tensor, density: float, seed: int, name: str, stream: int, backend: str) -> int:
-    """Kept count of the DARE draw of (seed, name, stream): the backend applies it to a tensor of ones."""
-    k1, k2 = rng.stream_keys(seed, name, stream)
-    if backend == "reference":
-        return int(rng.keep_mask(delta.numel(), density, k1, k2, device=delta.device).sum())
-    plan = ApplyPlan("dare", k1=k1, k2=k2, thr32=rng.threshold32(density))
-    ones = torch.ones(delta.numel(), dtype=torch.float32, device=delta.device)
-    kept = get_backend(backend).apply([ones], None, [plan], [1.0], CombineSpec(), torch.float32)
-    return int(torch.count_nonzero(kept))
-
-
-def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
-                     hist: Optional[torch.Tensor] = None, backend: str = "reference",
-                     plan: Optional[ApplyPlan] = None) -> float:
-    """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible).
-    ``plan``: the plan the merge applied; a mask plan (DELLA) is counted instead of redrawn."""
-    n = delta.numel()
-    m = spec.method
-    if n == 0:
-        return 0.0
-    if m == "none" or (m in ("magnitude", "breadcrumbs", "dare", "della") and spec.density >= 1.0
-                       and not spec.density1_prunes_min):
-        return 1.0
-    if m == "magnitude" and spec.tie_mode == "exact_k" and spec.partition == "tensor":
-        return R.keep_count(n, spec.density, spec.count_rule) / n
-    if m == "breadcrumbs":
-        return R.breadcrumbs_window(n, spec.density, spec.gamma)[1] / n
-    if m == "dare":
-        return _dare_kept(delta, spec.density, seed, name, stream, backend) / n
-    if m == "bands" and hist is not None and spec.partition == "tensor":
-        return band_stats(hist, spec)[1]
-    if plan is not None and plan.kind == "mask":
-        return int(torch.count_nonzero(plan.mask)) / n
-    f = R.sparsify_factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)
-    return float((f != 0).sum()) / n
