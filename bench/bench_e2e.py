@@ -4,11 +4,13 @@ Not a test. Generates (once) a bf16 family of base + 3 fine-tuned models, sharde
 deltas (base ~ N(0, 0.02), ft = bf16(base + heavy-tailed Δ with σ ≈ 5e-4), never zero), warms the
 page cache, then times each run as a child process under ``/usr/bin/time -v`` (psutil polling
 when absent) and appends wall time and peak RSS to ``bench/results/e2e_cpu.csv``, one row as each
-run ends. With ``--devices cpu,cuda`` each run is also timed on the GPU (``dppa merge --device
+run ends, and at the end the ratio of the median wall times (``mergekit-yaml`` / ``dppa merge``)
+of each method both ran, with the machine's load average. With ``--devices cpu,cuda`` each run is also timed on the GPU (``dppa merge --device
 cuda``, ``mergekit-yaml --cuda``); rows then carry the device and the GPU's name and go to
 ``bench/results/e2e_gpu.csv``.
 
     python bench/bench_e2e.py                 # ~270M parameters per model
+    python bench/bench_e2e.py --layers 11 --only mergekit:ties,dppa:ties --repeat 3   # 207M, the 10x check
     python bench/bench_e2e.py --double        # also the 2x deeper model (flat-RSS check)
     python bench/bench_e2e.py --repeat 5      # five runs of each, for medians
     python bench/bench_e2e.py --devices cpu,cuda --only dppa:ties,mergekit:ties   # on a GPU machine
@@ -132,6 +134,22 @@ def append_row(path: str, row: dict) -> None:
         w.writerow(row)
 
 
+def summarise(rows: list) -> list:
+    """(method, device, mergekit median s, dppa median s, ratio) of each method both tools ran."""
+    from statistics import median
+
+    walls: dict = {}
+    for r in rows:
+        if r["rc"] == 0 and r["params_m"] == rows[0]["params_m"]:
+            walls.setdefault((r["method"], r.get("device", "cpu"), r["tool"]), []).append(r["wall_s"])
+    out = []
+    for (method, device, tool), w in sorted(walls.items()):
+        theirs = walls.get((method, device, "mergekit"))
+        if tool == "dppa" and theirs:
+            out.append((method, device, median(theirs), median(w), median(theirs) / median(w)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/dppa-bench-e2e")
@@ -156,6 +174,7 @@ def main() -> None:
         devices.remove("cuda")
     gpu = torch.cuda.get_device_name() if gpu_rows and torch.cuda.is_available() else ""
     from dppa_kernels.backends.registry import resolve
+    rows = []
     sizes = [args.layers] + ([2 * args.layers] if args.double else [])
     for layers in sizes:
         root = os.path.join(args.workdir, f"L{layers}")
@@ -184,7 +203,12 @@ def main() -> None:
                         row.update(device=device, gpu=gpu, backend=resolve("auto", torch.device(device)))
                     print(row, flush=True)
                     append_row(args.csv, row)
+                    rows.append(row)
                     shutil.rmtree(out, ignore_errors=True)
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    for method, device, theirs, ours, ratio in summarise(rows):
+        print(f"{method} on {device}: mergekit-yaml {theirs:.2f} s, dppa merge {ours:.2f} s: {ratio:.1f}x "
+              f"(medians; load average {load})", flush=True)
 
 
 if __name__ == "__main__":

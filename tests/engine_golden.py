@@ -123,10 +123,10 @@ def input_digests(base: str, fts: list) -> dict:
     return {os.path.basename(p): digests(p) for p in [base] + fts}
 
 
-def run_dppa_merge(cfg: str, out: str) -> dict:
+def run_dppa_merge(cfg: str, out: str, **options) -> dict:
     from dppa_kernels.engine import MergeOptions, run_merge
 
-    run_merge(cfg, MergeOptions(out=out, backend="cpu", shard_size=SHARD, seed=SEED, progress=False))
+    run_merge(cfg, MergeOptions(out=out, backend="cpu", shard_size=SHARD, seed=SEED, progress=False, **options))
     return digests(out)
 
 

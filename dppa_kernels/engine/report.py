@@ -10,7 +10,7 @@ backend, which hands out no plans, the reference's factors are counted.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Optional
 
 import torch
@@ -98,9 +98,12 @@ def build_report(cfg, plan, opts, backend: str, device, timings: dict, tensors: 
         den = sum(numel[n] for n in names if n in tensors)
         per_model[label] = num / den if den else None
     exact = not any(tensors[n].get("expected") for n in names if n in tensors)
+    options = {f.name: getattr(opts, f.name) for f in fields(opts)}
+    if not isinstance(options.get("executor", ""), str):
+        options["executor"] = type(options["executor"]).__name__
     return {
         "method": cfg.merge_method, "config": cfg.model_dump(mode="json", exclude_none=True),
-        "options": asdict(opts), "backend": backend, "backend_requested": opts.backend, "device": str(device),
+        "options": options, "backend": backend, "backend_requested": opts.backend, "device": str(device),
         "dppa_kernels": __version__, "torch": torch.__version__, "seed": opts.seed,
         "n_tensors": len(plan.tasks), "n_shards": plan.n_shards, "files_copied": copied,
         "resumed": resuming, "shards_redone_on_resume": dropped,

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -54,7 +54,7 @@ class MergeOptions:
     prefetch: int = 2
     tensor_order: str = "natural"  # or "name": mergekit's output order (plan.build_plan)
     tensor_report: bool = True  # per-tensor realised densities in the report (from the applied plans)
-    executor: str = "local"  # "local" (reader and writer threads) or "serial" (one shard at a time)
+    executor: Union[str, Executor] = "local"  # "local" (reader and writer threads), "serial" or an Executor
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,6 +81,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def make_executor(opts: MergeOptions) -> Executor:
+    if isinstance(opts.executor, Executor):
+        return opts.executor
     if opts.executor == "local":
         return LocalExecutor(prefetch_depth=opts.prefetch, progress=opts.progress, resident=opts.resident)
     if opts.executor == "serial":
