@@ -97,6 +97,15 @@ def write_family(root: str) -> tuple[str, list]:
     return paths[0], paths[1:]
 
 
+def family_once(folder: str) -> tuple[str, list]:
+    """:func:`write_family` into ``folder`` unless an earlier call finished it there."""
+    marker = os.path.join(folder, "DONE")
+    if not os.path.exists(marker):
+        write_family(folder)
+        open(marker, "w").close()
+    return os.path.join(folder, "base"), [os.path.join(folder, f"ft{i}") for i in range(3)]
+
+
 def write_config(path: str, case: str, base: str, fts: list) -> str:
     method, per, glob, top = CASES[case]
     cfg = {"merge_method": method, "base_model": base,

@@ -32,7 +32,7 @@ class PicklingExecutor(Executor):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
-    base, fts = G.write_family(str(root / "fam"))
+    base, fts = G.family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))  # shared by the modules
     return root, base, fts
 
 

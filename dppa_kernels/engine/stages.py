@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from . import dppa_phase
 from .config import is_dppa
@@ -25,16 +25,22 @@ class Executed:
     timings: dict = field(default_factory=dict)
 
 
+def stage_hook(method: str) -> Optional[Callable]:
+    """What ``method`` runs between the plan and the shards, or None. DPPA: its statistics pass
+    and allocation, which give the unit tensors their recipes (:func:`.dppa_phase.prepare`)."""
+    return dppa_phase.prepare if is_dppa(method) else None
+
+
 def execute(job: MergeJob, executor: Executor, journal: Journal, *, resuming: bool = False,
             cache_dir: Optional[str] = None) -> Executed:
-    """Merge every shard of ``job`` that ``journal`` lacks; DPPA's statistics pass and allocation
-    run first (:func:`.dppa_phase.prepare`; ``cache_dir`` keeps the allocation for a resume)."""
+    """Merge every shard of ``job`` that ``journal`` lacks, after the method's stage hook
+    (``cache_dir``: where the hook may keep its results for a resume)."""
     todo = [i for i, fn in enumerate(job.shard_names) if fn not in journal.done]
     out = Executed({})
-    if is_dppa(job.plan.cfg.merge_method):
+    hook = stage_hook(job.plan.cfg.merge_method)
+    if hook is not None:
         names = {t.name for t in job.plan.tasks if t.shard in set(todo)}
-        out.dppa, unit_rows, out.timings = dppa_phase.prepare(job, executor, names, cache_dir=cache_dir,
-                                                              resuming=resuming)
+        out.dppa, unit_rows, out.timings = hook(job, executor, names, cache_dir=cache_dir, resuming=resuming)
         out.tensors.update(unit_rows)
     t = time.perf_counter()
     executor.execute(job, todo, journal.record)
