@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from .compute import form_deltas, merge_tensor
 from .report import tensor_row
 from .shards import ShardResult, ShardWriter
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .plan import MergePlan
 
 Sink = Callable[[ShardResult], None]
 
@@ -29,7 +32,7 @@ class MergeJob:
     """Everything a shard needs: the plan (recipes included), where and under which names the
     shards go, and the per-run settings resolved once by the driver."""
 
-    plan: object  # plan.MergePlan
+    plan: "MergePlan"
     tmp: str  # the temporary folder the shards are written into
     shard_names: list  # file name of each output shard (the output layout's)
     device: str  # "cpu" or "cuda[:N]"
