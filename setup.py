@@ -208,6 +208,8 @@ setup(
         "mergekit": ["mergekit>=0.1.5"],
         "peft": ["peft>=0.18"],
         "pat": ["transformers>=4.45"],
+        "eval": ["transformers>=4.45", "lm-eval>=0.4.13"],
+        "quality": ["transformers>=4.45", "matplotlib"],
         "test": ["pytest", "hypothesis", "pybind11"],
     },
     entry_points={

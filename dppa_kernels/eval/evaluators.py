@@ -107,11 +107,12 @@ loss.higher_is_better = False
 
 def lm_eval(model, *, tasks: Union[str, Sequence[str]], tokenizer: Any = None, include_path: Optional[PathLike] = None,
             metric: Optional[str] = None, limit: Optional[int] = None, batch_size: int = 8,
-            num_fewshot: Optional[int] = None) -> float:
+            num_fewshot: Optional[int] = None, include_defaults: Optional[bool] = None) -> float:
     """Score of ``model`` on lm-evaluation-harness ``tasks`` (needs the ``lm-eval`` package).
 
     ``include_path`` is a folder of custom task YAMLs (e.g. a local ``dataset_path: json`` task, so
-    nothing is downloaded). The score is the mean over ``tasks`` of ``metric`` (default: each task's
+    nothing is downloaded). ``include_defaults`` also indexes lm-eval's built-in tasks; by default
+    only when no ``include_path`` is given (indexing them takes tens of seconds). The score is the mean over ``tasks`` of ``metric`` (default: each task's
     first reported metric); a metric lm-eval marks lower-is-better is negated, so higher is always
     better.
     """
@@ -128,7 +129,10 @@ def lm_eval(model, *, tasks: Union[str, Sequence[str]], tokenizer: Any = None, i
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"include_path {str(include_path)[:200]!r} is not a folder")
     lm = HFLM(pretrained=model, tokenizer=resolve_tokenizer(model, tokenizer), batch_size=batch_size)
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    if include_defaults is None:
+        include_defaults = include_path is None
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
+                          include_defaults=include_defaults)
     was_training = model.training
     try:
         out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
