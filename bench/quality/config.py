@@ -14,14 +14,17 @@ from dppa_kernels.tasks import ModelShape, TrainConfig
 class QualityConfig:
     """Everything that decides the trained models and the measurements.
 
-    The base is pretrained on ``pretrain_per_task`` examples of every task, then each expert is
-    fine-tuned from it on its own task's ``train`` split with a small learning rate, so its delta
-    stays small relative to the base. Splits of every task are drawn before any training and are
+    The base is pretrained on ``pretrain_per_task`` examples of every task at the short sizes of
+    ``pretrain_size_ranges``; each expert is then fine-tuned from it on its own task's ``train``
+    split at the longer sizes of ``size_ranges`` (the sizes of validation and test too), with a small
+    learning rate. So the base has the skills but fails at the experts' sizes, and each expert's
+    delta is small relative to the base. Every split is drawn before any training, and all are
     disjoint (``dppa_kernels.tasks.draw_splits``).
     """
 
     tasks: tuple = ("reverse", "sort", "lookup", "count")
-    size_ranges: tuple = (("reverse", (3, 8)), ("sort", (3, 8)), ("lookup", (3, 8)), ("count", (3, 10)))
+    size_ranges: tuple = (("reverse", (6, 9)), ("sort", (6, 9)), ("lookup", (6, 10)), ("count", (8, 14)))
+    pretrain_size_ranges: tuple = (("reverse", (2, 6)), ("sort", (2, 6)), ("lookup", (2, 6)), ("count", (2, 8)))
     pretrain_per_task: int = 2000
     train_per_task: int = 2000
     validation_per_task: int = 200
@@ -29,8 +32,8 @@ class QualityConfig:
     data_seed: int = 0
     model_seed: int = 0
     shape: ModelShape = ModelShape()
-    pretrain: TrainConfig = TrainConfig(steps=1000, batch_size=64, lr=3e-3, warmup=50, seed=0)
-    finetune: TrainConfig = TrainConfig(steps=200, batch_size=64, lr=3e-4, warmup=20, min_lr_ratio=1.0, seed=1)
+    pretrain: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, seed=0)
+    finetune: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=5e-4, warmup=20, min_lr_ratio=1.0, seed=1)
     densities: tuple = (0.9, 0.5, 0.2, 0.1)
     dare_seeds: tuple = (0, 1, 2)
     factor_grid: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # magnitude × one global factor
@@ -38,12 +41,13 @@ class QualityConfig:
     merge_densities: tuple = (0.2, 0.5)  # TIES / DARE-TIES density, chosen on validation with λ
     merge_seed: int = 0
 
-    def size_range(self, task: str) -> tuple:
-        return dict(self.size_ranges)[task]
+    def size_range(self, task: str, split: str = "test") -> tuple:
+        """Sizes of ``task``'s examples in ``split`` (the pretraining split has its own)."""
+        return dict(self.pretrain_size_ranges if split == "pretrain" else self.size_ranges)[task]
 
     def training_key(self) -> str:
         """Hash of the fields that decide the trained models (the cache folder's name)."""
-        keep = ("tasks", "size_ranges", "pretrain_per_task", "train_per_task", "validation_per_task",
+        keep = ("tasks", "size_ranges", "pretrain_size_ranges", "pretrain_per_task", "train_per_task", "validation_per_task",
                 "test_per_task", "data_seed", "model_seed", "shape", "pretrain", "finetune")
         d = {k: dataclasses.asdict(self)[k] for k in keep}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -52,7 +56,8 @@ class QualityConfig:
 FULL = QualityConfig()
 
 QUICK = QualityConfig(
-    tasks=("reverse", "lookup"), size_ranges=(("reverse", (2, 4)), ("lookup", (2, 3))),
+    tasks=("reverse", "lookup"), size_ranges=(("reverse", (3, 4)), ("lookup", (2, 3))),
+    pretrain_size_ranges=(("reverse", (2, 3)), ("lookup", (2, 3))),
     pretrain_per_task=300, train_per_task=300, validation_per_task=32, test_per_task=48,
     shape=ModelShape(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, max_positions=48),
     pretrain=TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup=5, seed=0),

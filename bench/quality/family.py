@@ -33,10 +33,16 @@ class Family:
 
 
 def draw_all_splits(cfg: QualityConfig) -> dict:
-    """Every task's test/validation/train/pretrain splits, drawn before any training."""
-    sizes = {"test": cfg.test_per_task, "validation": cfg.validation_per_task, "train": cfg.train_per_task,
-             "pretrain": cfg.pretrain_per_task}
-    return {t: T.draw_splits(t, sizes, seed=cfg.data_seed, size_range=cfg.size_range(t)) for t in cfg.tasks}
+    """Every task's test/validation/train splits, then its pretraining split (other sizes, other
+    prompts), all drawn before any training."""
+    sizes = {"test": cfg.test_per_task, "validation": cfg.validation_per_task, "train": cfg.train_per_task}
+    out = {}
+    for t in cfg.tasks:
+        out[t] = T.draw_splits(t, sizes, seed=cfg.data_seed, size_range=cfg.size_range(t))
+        taken = [ex.prompt for split in out[t].values() for ex in split]
+        out[t].update(T.draw_splits(t, {"pretrain": cfg.pretrain_per_task}, seed=cfg.data_seed + 1,
+                                    size_range=cfg.size_range(t, "pretrain"), exclude=taken))
+    return out
 
 
 def _train(model, tok, examples, tcfg, label: str, progress: bool) -> dict:
