@@ -33,7 +33,8 @@ def test_quick_run_writes_tables_plots_and_results(quick_run):
     rows = results["retention"]
     assert len(rows) == len(QUICK.tasks) * len(QUICK.densities) * len(M.PRUNE_METHODS)
     for r in rows:
-        assert 0 <= r["test_accuracy"] <= 1 and len(r["retentions"]) == (len(QUICK.dare_seeds) if r["method"] == "DARE" else 1)
+        n_states = len(QUICK.dare_seeds) if r["method"] == "DARE" else 1
+        assert 0 <= r["test_accuracy"] <= 1 and len(r["retentions"]) == n_states
         if r["expert_accuracy"] > 0:
             assert r["retention"] == pytest.approx(r["test_accuracy"] / r["expert_accuracy"])
         else:
@@ -54,15 +55,16 @@ def test_rerun_uses_cached_models(quick_run):
 
 def _job(density=0.5, factors=(1.0, 2.0)):
     g = torch.Generator().manual_seed(0)
-    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 16, generator=g), "model.norm.weight": torch.ones(4)}
+    unit = "model.layers.0.mlp.up_proj.weight"
+    base = {unit: torch.randn(8, 16, generator=g), "model.norm.weight": torch.ones(4)}
     ft = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     seen = []
 
     def validate(state):  # prefers larger deltas: a known optimum at the largest factor
         seen.append(state)
-        return float((state["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]).abs().sum())
+        return float((state[unit] - base[unit]).abs().sum())
 
-    return M.PruneJob(base, ft, density, ["model.layers.0.mlp.up_proj.weight"], validate, seeds=(0, 1),
+    return M.PruneJob(base, ft, density, [unit], validate, seeds=(0, 1),
                       factors=factors), seen
 
 

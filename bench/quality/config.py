@@ -47,7 +47,8 @@ class QualityConfig:
 
     def training_key(self) -> str:
         """Hash of the fields that decide the trained models (the cache folder's name)."""
-        keep = ("tasks", "size_ranges", "pretrain_size_ranges", "pretrain_per_task", "train_per_task", "validation_per_task",
+        keep = ("tasks", "size_ranges", "pretrain_size_ranges", "pretrain_per_task", "train_per_task",
+                "validation_per_task",
                 "test_per_task", "data_seed", "model_seed", "shape", "pretrain", "finetune")
         d = {k: dataclasses.asdict(self)[k] for k in keep}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -31,12 +31,13 @@ def _retention_cell(rows: Sequence[Mapping]) -> str:
 def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[Mapping],
              merging: Sequence[Mapping], run: Mapping) -> str:
     tasks, dens = list(cfg.tasks), list(cfg.densities)
-    out = [f"# Quality harness: pruning retention and merging on synthetic tasks\n",
+    out = ["# Quality harness: pruning retention and merging on synthetic tasks\n",
            f"Model: Llama-shaped, {cfg.shape.as_dict()}; tasks {', '.join(tasks)}; splits per task: "
            f"pretrain {cfg.pretrain_per_task}, train {cfg.train_per_task}, validation {cfg.validation_per_task}, "
            f"test {cfg.test_per_task} (disjoint, drawn before training). Every hyperparameter is chosen on "
            f"validation; all numbers below are on test. Exact match, greedy decoding.\n",
-           f"Run: {run['wall_seconds']:.0f} s wall ({run['train_seconds']} s training{' (cached)' if run['cached'] else ''}"
+           f"Run: {run['wall_seconds']:.0f} s wall ({run['train_seconds']} s training"
+           f"{' (cached)' if run['cached'] else ''}"
            f", {run['evaluations']} evaluations), {run['threads']} torch thread(s), load average "
            f"{run['load_before'][0]:.1f} before / {run['load_after'][0]:.1f} after.\n",
            "## Base and experts (test accuracy, %)\n",
@@ -55,7 +56,8 @@ def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[
     out += ["", "DARE: mean over seeds " + ", ".join(map(str, cfg.dare_seeds)) + " (± std over seeds). "
             "Pruning acts on the linear weights inside decoder blocks; embeddings, norms and lm_head keep "
             "their dense deltas.\n", "## Retention per task\n",
-            "| method | density | " + " | ".join(tasks) + " | chosen on validation |", "|---|---|" + "---|" * (len(tasks) + 1)]
+            "| method | density | " + " | ".join(tasks) + " | chosen on validation |",
+            "|---|---|" + "---|" * (len(tasks) + 1)]
     for m in methods:
         for d in dens:
             rs = {r["task"]: r for r in retention if r["method"] == m and r["density"] == d}
@@ -65,7 +67,8 @@ def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[
     out += ["", "## Merging all experts (test accuracy, %)\n",
             "| model | " + " | ".join(tasks) + " | mean | chosen on validation |", "|---|" + "---|" * (len(tasks) + 2)]
     base = reference["base"]
-    out.append("| base | " + " | ".join(_pct(base[t]) for t in tasks) + f" | {_pct(statistics.fmean(base.values()))} | |")
+    out.append("| base | " + " | ".join(_pct(base[t]) for t in tasks)
+               + f" | {_pct(statistics.fmean(base.values()))} | |")
     own = {t: reference[f"expert {t}"][t] for t in tasks}
     out.append("| each expert on its own task | " + " | ".join(_pct(own[t]) for t in tasks)
                + f" | {_pct(statistics.fmean(own.values()))} | |")

@@ -112,8 +112,8 @@ def lm_eval(model, *, tasks: Union[str, Sequence[str]], tokenizer: Any = None, i
 
     ``include_path`` is a folder of custom task YAMLs (e.g. a local ``dataset_path: json`` task, so
     nothing is downloaded). ``include_defaults`` also indexes lm-eval's built-in tasks; by default
-    only when no ``include_path`` is given (indexing them takes tens of seconds). The score is the mean over ``tasks`` of ``metric`` (default: each task's
-    first reported metric); a metric lm-eval marks lower-is-better is negated, so higher is always
+    only when no ``include_path`` is given (indexing them takes tens of seconds). The score is the
+    mean over ``tasks`` of ``metric`` (default: each task's first reported metric); a metric lm-eval marks lower-is-better is negated, so higher is always
     better.
     """
     try:
