@@ -45,12 +45,17 @@ class QualityConfig:
         """Sizes of ``task``'s examples in ``split`` (the pretraining split has its own)."""
         return dict(self.pretrain_size_ranges if split == "pretrain" else self.size_ranges)[task]
 
+    def base_key(self) -> str:
+        """Hash of the fields that decide the splits and the base model (its cache folder's name)."""
+        return self._hash(("tasks", "size_ranges", "pretrain_size_ranges", "pretrain_per_task", "train_per_task",
+                           "validation_per_task", "test_per_task", "data_seed", "model_seed", "shape", "pretrain"))
+
     def training_key(self) -> str:
-        """Hash of the fields that decide the trained models (the cache folder's name)."""
-        keep = ("tasks", "size_ranges", "pretrain_size_ranges", "pretrain_per_task", "train_per_task",
-                "validation_per_task",
-                "test_per_task", "data_seed", "model_seed", "shape", "pretrain", "finetune")
-        d = {k: dataclasses.asdict(self)[k] for k in keep}
+        """Hash of the fields that decide the base and the experts (base_key + fine-tuning)."""
+        return f"{self.base_key()}-{self._hash(('finetune',))}"
+
+    def _hash(self, fields: tuple) -> str:
+        d = {k: dataclasses.asdict(self)[k] for k in fields}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

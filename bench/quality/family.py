@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,55 +66,88 @@ def _load_state(folder: Path) -> dict:
 
 def load_or_train(cfg: QualityConfig, cache: Path, *, progress: bool = True,
                   log: Callable[[str], None] = print) -> Family:
-    """The cached family for ``cfg`` (keyed by ``cfg.training_key()``), training it when absent."""
-    folder = Path(cache) / cfg.training_key()
-    if not (folder / "family.json").is_file():
-        _train_family(cfg, folder, progress, log)
-    else:
-        log(f"using cached models in {folder}")
+    """The cached family for ``cfg``, training what is absent.
+
+    ``cache/<base_key>/`` holds the splits and the base; ``.../experts-<finetune hash>/`` the
+    experts, so a change of the fine-tuning recipe retrains the experts only.
+    """
     from transformers import AutoTokenizer
 
-    info = json.loads((folder / "family.json").read_text())
-    splits = {t: {s: T.read_jsonl(folder / "splits" / f"{t}.{s}.jsonl") for s in SPLITS} for t in cfg.tasks}
-    return Family(AutoTokenizer.from_pretrained(folder / "base"), _load_state(folder / "base"),
-                  {t: _load_state(folder / f"expert-{t}") for t in cfg.tasks}, splits, info, folder)
+    root, experts = cache_folders(cfg, cache)
+    if (root / "base.json").is_file():
+        log(f"using the cached base in {root}")
+    else:
+        _in_new_folder(root, lambda tmp: _train_base(cfg, tmp, progress, log))
+    splits = {t: {s: T.read_jsonl(root / "splits" / f"{t}.{s}.jsonl") for s in SPLITS} for t in cfg.tasks}
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    base = _load_state(root / "base")
+    if (experts / "experts.json").is_file():
+        log(f"using the cached experts in {experts}")
+    else:
+        _in_new_folder(experts, lambda tmp: _train_experts(cfg, tok, base, splits, tmp, progress, log))
+    info = {**json.loads((root / "base.json").read_text()), **json.loads((experts / "experts.json").read_text())}
+    info["train_seconds"] = round(sum(v["seconds"] for v in info.values() if isinstance(v, dict)), 1)
+    return Family(tok, base, {t: _load_state(experts / f"expert-{t}") for t in cfg.tasks}, splits, info, experts)
 
 
-def _train_family(cfg: QualityConfig, folder: Path, progress: bool, log: Callable[[str], None]) -> None:
+def cache_folders(cfg: QualityConfig, cache: Path) -> tuple:
+    """(folder of the splits and base, folder of the experts) for ``cfg`` under ``cache``."""
+    root = Path(cache) / cfg.base_key()
+    return root, root / f"experts-{cfg.training_key().split('-')[1]}"
+
+
+def is_cached(cfg: QualityConfig, cache: Path) -> bool:
+    """Whether the base and the experts of ``cfg`` are all in ``cache``."""
+    root, experts = cache_folders(cfg, cache)
+    return (root / "base.json").is_file() and (experts / "experts.json").is_file()
+
+
+def _in_new_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Run ``fill`` on a temporary sibling folder, then move it to ``folder`` (no half-written cache)."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        splits = draw_all_splits(cfg)
-        for t, by_split in splits.items():
-            for s, exs in by_split.items():
-                T.write_jsonl(exs, tmp / "splits" / f"{t}.{s}.jsonl")
-        tok = T.char_tokenizer()
-        model = T.build_model(tok, cfg.shape, seed=cfg.model_seed)
-        mix = [ex for t in cfg.tasks for ex in splits[t]["pretrain"]]
-        t0 = time.perf_counter()
-        info = {"base": _train(model, tok, mix, cfg.pretrain, "pretrain base", progress)}
-        log(f"base: {info['base']}")
-        model.save_pretrained(tmp / "base")
-        tok.save_pretrained(tmp / "base")
-        base = T.state_dict_of(model)
-        units = unit_names(base)
-        for t in cfg.tasks:
-            model.load_state_dict(base)
-            info[t] = _train(model, tok, splits[t]["train"], cfg.finetune, f"expert {t}", progress)
-            ft = T.state_dict_of(model)
-            info[t]["delta_ratio_units"] = T.delta_ratio(base, ft, units)
-            info[t]["delta_ratio_all"] = T.delta_ratio(base, ft)
-            log(f"expert {t}: {info[t]}")
-            model.save_pretrained(tmp / f"expert-{t}")
-            tok.save_pretrained(tmp / f"expert-{t}")
-        info["train_seconds"] = round(time.perf_counter() - t0, 1)
-        info["threads"] = torch.get_num_threads()
-        (tmp / "family.json").write_text(json.dumps(info, indent=1))
+        tmp.mkdir(parents=True)
+        fill(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _train_base(cfg: QualityConfig, out: Path, progress: bool, log: Callable[[str], None]) -> None:
+    splits = draw_all_splits(cfg)
+    for t, by_split in splits.items():
+        for s, exs in by_split.items():
+            T.write_jsonl(exs, out / "splits" / f"{t}.{s}.jsonl")
+    tok = T.char_tokenizer()
+    model = T.build_model(tok, cfg.shape, seed=cfg.model_seed)
+    mix = [ex for t in cfg.tasks for ex in splits[t]["pretrain"]]
+    info = {"base": _train(model, tok, mix, cfg.pretrain, "pretrain base", progress)}
+    info["base"]["threads"] = torch.get_num_threads()
+    log(f"base: {info['base']}")
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    (out / "base.json").write_text(json.dumps(info, indent=1))
+
+
+def _train_experts(cfg: QualityConfig, tok, base: dict, splits: dict, out: Path, progress: bool,
+                   log: Callable[[str], None]) -> None:
+    model = T.build_model(tok, cfg.shape, seed=cfg.model_seed)
+    units = unit_names(base)
+    info = {}
+    for t in cfg.tasks:
+        model.load_state_dict(base)
+        info[t] = _train(model, tok, splits[t]["train"], cfg.finetune, f"expert {t}", progress)
+        ft = T.state_dict_of(model)
+        info[t]["delta_ratio_units"] = T.delta_ratio(base, ft, units)
+        info[t]["delta_ratio_all"] = T.delta_ratio(base, ft)
+        info[t]["threads"] = torch.get_num_threads()
+        log(f"expert {t}: {info[t]}")
+        model.save_pretrained(out / f"expert-{t}")
+        tok.save_pretrained(out / f"expert-{t}")
+    (out / "experts.json").write_text(json.dumps(info, indent=1))
 
 
 def unit_names(state: dict) -> list:

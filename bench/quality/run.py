@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from .config import FULL, QUICK  # noqa: E402
 from .experiment import reference_accuracies, run_merging, run_retention  # noqa: E402
-from .family import load_or_train  # noqa: E402
+from .family import is_cached, load_or_train  # noqa: E402
 from .report import markdown, plots  # noqa: E402
 from .scoring import Scorer  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     cfg = QUICK if args.quick else FULL
     log = print
     load_before, t0 = os.getloadavg(), time.perf_counter()
-    cached = (args.cache / cfg.training_key() / "family.json").is_file()
+    cached = is_cached(cfg, args.cache)
     fam = load_or_train(cfg, args.cache, progress=not args.no_progress, log=log)
     scorer = Scorer(cfg, fam.tokenizer, fam.splits)
     reference = reference_accuracies(cfg, fam, scorer)
@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
                                       for k, accs in reference.items()))
     retention = run_retention(cfg, fam, scorer, reference, log=log)
     merging = run_merging(cfg, fam, scorer, log=log)
-    run = {"wall_seconds": time.perf_counter() - t0, "train_seconds": fam.info["train_seconds"], "cached": cached,
+    run = {"wall_seconds": time.perf_counter() - t0, "train_seconds": fam.info["train_seconds"],
+           "cached": cached,
            "evaluations": scorer.calls, "threads": args.threads, "load_before": load_before,
            "load_after": os.getloadavg(), "quick": args.quick, "torch": torch.__version__,
            "training_key": cfg.training_key()}
