@@ -30,6 +30,8 @@ def _check_answer(task: str, prompt: str, answer: str) -> None:
         assert answer == x[::-1]
     elif task == "sort":
         assert answer == "".join(sorted(x))
+    elif task == "shift":
+        assert answer == "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in x)
     elif task == "lookup":
         pairs, key = x.split("?")
         table = {pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)}

@@ -22,9 +22,9 @@ class QualityConfig:
     disjoint (``dppa_kernels.tasks.draw_splits``).
     """
 
-    tasks: tuple = ("reverse", "sort", "lookup", "count")
-    size_ranges: tuple = (("reverse", (6, 9)), ("sort", (6, 9)), ("lookup", (6, 10)), ("count", (8, 14)))
-    pretrain_size_ranges: tuple = (("reverse", (2, 6)), ("sort", (2, 6)), ("lookup", (2, 6)), ("count", (2, 8)))
+    tasks: tuple = ("reverse", "sort", "shift", "count")
+    size_ranges: tuple = (("reverse", (6, 9)), ("sort", (6, 9)), ("shift", (6, 9)), ("count", (8, 14)))
+    pretrain_size_ranges: tuple = (("reverse", (2, 6)), ("sort", (2, 6)), ("shift", (2, 6)), ("count", (2, 8)))
     pretrain_per_task: int = 2000
     train_per_task: int = 2000
     validation_per_task: int = 200
@@ -33,7 +33,7 @@ class QualityConfig:
     model_seed: int = 0
     shape: ModelShape = ModelShape()
     pretrain: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, seed=0)
-    finetune: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=5e-4, warmup=20, min_lr_ratio=1.0, seed=1)
+    finetune: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=3e-4, warmup=20, min_lr_ratio=1.0, seed=1)
     densities: tuple = (0.9, 0.5, 0.2, 0.1)
     dare_seeds: tuple = (0, 1, 2)
     factor_grid: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # magnitude × one global factor

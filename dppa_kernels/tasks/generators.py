@@ -28,6 +28,11 @@ def _sort(rng: random.Random, size: int) -> tuple[str, str]:
     return s, "".join(sorted(s))
 
 
+def _shift(rng: random.Random, size: int) -> tuple[str, str]:
+    s = "".join(rng.choice(LETTERS) for _ in range(size))
+    return s, "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in s)
+
+
 def _lookup(rng: random.Random, size: int) -> tuple[str, str]:
     keys = rng.sample(LETTERS, size)
     values = [rng.choice(DIGITS) for _ in keys]
@@ -70,6 +75,7 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("reverse", "rev", _reverse, 1, 24, "the letters in reverse order"),
     Task("sort", "srt", _sort, 1, 24, "the letters sorted"),
+    Task("shift", "shf", _shift, 1, 24, "each letter replaced by the next one (z by a)"),
     Task("lookup", "kv", _lookup, 1, 26, "the digit stored under the queried key"),
     Task("count", "cnt", _count, 1, 40, "how often the queried letter occurs"),
     Task("add", "add", _add, 1, 9, "the sum of two size-digit numbers"),
