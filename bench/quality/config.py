@@ -33,11 +33,11 @@ class QualityConfig:
     model_seed: int = 0
     shape: ModelShape = ModelShape()
     pretrain: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, seed=0)
-    finetune: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=3e-4, warmup=20, min_lr_ratio=1.0, seed=1)
+    finetune: TrainConfig = TrainConfig(steps=300, batch_size=64, lr=1e-4, warmup=20, min_lr_ratio=1.0, seed=1)
     densities: tuple = (0.9, 0.5, 0.2, 0.1)
     dare_seeds: tuple = (0, 1, 2)
     factor_grid: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # magnitude × one global factor
-    lambda_grid: tuple = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # merge scaling λ
+    lambda_grid: tuple = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # merge scaling λ
     merge_densities: tuple = (0.2, 0.5)  # TIES / DARE-TIES density, chosen on validation with λ
     merge_seed: int = 0
 

@@ -107,14 +107,14 @@ def plots(cfg, reference: Mapping, retention: Sequence[Mapping], merging: Sequen
 
     rows = [("base", reference["base"]), ("experts", {t: reference[f"expert {t}"][t] for t in tasks})]
     rows += [(r["method"], r["test_accuracy"]) for r in merging]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     width = 0.8 / len(rows)
     for i, (name, accs) in enumerate(rows):
         ax.bar([j + i * width for j in range(len(tasks))], [accs[t] for t in tasks], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Merging all experts: accuracy per task")
     fig.tight_layout()
     paths.append(out / "merging.png")
