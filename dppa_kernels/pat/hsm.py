@@ -15,10 +15,15 @@ OFFICIAL_RANK = 200  # the official code hard-codes r = 200 (`eff`) for Llama-2-
 
 
 def resolve_rank(rank: Union[int, str], d: int) -> int:
-    """``"auto"`` → max(1, round(0.05·d)) (the paper's "≈ 5 % of d"; the official code uses 200
-    for d = 4096/5120, see ``OFFICIAL_RANK``); an int must be in [1, d]."""
+    """``"auto"`` → min(200, max(1, round(0.05·d))); an int must be in [1, d].
+
+    Why this rule: the paper states "≈ 5 % of d" but every Llama-family run it reports (and the
+    official code, which hard-codes it) uses r = 200 = ``OFFICIAL_RANK``: d = 4096 (5 % would be
+    205), 5120 (256) and 7168 (358). Capping 5 % of d at 200 gives exactly the published rank for
+    those models and keeps small models at ≈ 5 % of d (d = 1024 → 51, d = 64 → 3), where 200 would
+    exceed d. (Gemma's HIO-300 is not followed: Gemma is not a supported family.)"""
     if rank == "auto":
-        return max(1, round(0.05 * d))
+        return min(OFFICIAL_RANK, max(1, round(0.05 * d)))
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int or 'auto', got {rank!r}")
     if not 1 <= rank <= d:

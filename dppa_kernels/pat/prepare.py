@@ -13,6 +13,7 @@ Module names: ``<backbone>.pat_mask`` (W_M), ``<backbone>.pat_hsm_embed``,
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Optional, Union
 
 import torch
@@ -22,6 +23,9 @@ from .arch import Structure, resolve
 from .hsm import HSM, resolve_rank
 from .mask import UnifiedMask
 from .schedule import MaskSchedule
+from .widths import nearest_legal_width, width_error
+
+logger = logging.getLogger(__name__)
 
 _HANDLES = "_pat_hook_handles"
 
@@ -60,7 +64,8 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
     Args:
         model: a Llama/Mistral/Qwen2 ``*ForCausalLM`` or ``*Model``, optionally a PEFT model.
         keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1).
-        rank: HIO rank r, or ``"auto"`` = max(1, round(0.05·d)) (the official code uses 200).
+        rank: HIO rank r, or ``"auto"`` = min(200, max(1, round(0.05·d))): 200 for d = 4096 as in
+            the official recipe, ≈ 5 % of d for small models (``resolve_rank``).
         schedule: mask schedule (defaults of PAT.md §4); or give only ``total_steps``.
         count_loss, count_weight, polarization: mask losses (``UnifiedMask``).
         identity_loss: ``"code"`` (scale s, default), ``"paper"`` (diag(v)) or ``"none"``.
@@ -80,6 +85,9 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
     d = st.hidden_size
     target = _resolve_keep(keep, d)
     r = resolve_rank(rank, d)
+    # no training run should end in a model that cannot be folded: the architecture must accept
+    # some d' < d (transformers 5's LlamaConfig, e.g., needs d' % num_attention_heads == 0)
+    nearest_legal_width(st.hf_model.config, int(st.layers[0].self_attn.head_dim), target, d)
     if schedule is not None and total_steps is not None:
         raise ValueError("pass either schedule or total_steps, not both")
     if schedule is None:
@@ -163,11 +171,38 @@ def set_step(model: nn.Module, step: int) -> None:
     mask.step = step
 
 
-def binarize(model: nn.Module, multiple_of: Optional[int] = None) -> nn.Module:
-    """Switch the shared mask to its hard 0/1 form (inference, export); see
-    ``UnifiedMask.binarize``."""
-    get_mask(model).binarize(multiple_of)
-    return model
+def binarize(model: nn.Module, multiple_of: Optional[int] = None) -> dict:
+    """Switch the shared mask to its hard 0/1 form (inference, export) and return what was chosen.
+
+    Default: d′ = the folded hidden size nearest to the mask's count #{W_M > 0} that the model's
+    config class accepts (e.g. transformers 5's LlamaConfig needs d′ % num_attention_heads == 0;
+    ties go to the one nearer the mask's target), keeping the d′ highest-scoring (largest W_M)
+    channels, so that ``pat.fold`` always succeeds. When d′ differs from the count this is logged.
+    ``multiple_of=k`` overrides that: d′ = the nearest multiple of k (the caller then answers for
+    its legality). Warns when the mask is not polarised (see ``UnifiedMask.binarize``).
+
+    Returns {"count", "width", "rule", "polarization"}: the mask's own count, the chosen d′, why
+    it was chosen, and the soft-vs-hard gate numbers.
+    """
+    st = _prepared(model)
+    mask = st.backbone.pat_mask
+    d = mask.weight.numel()
+    if multiple_of is not None:
+        report = mask.binarize(multiple_of)
+        report["rule"] = f"multiple_of={multiple_of}"
+        return report
+    count = int((mask.weight.detach() > 0).sum())
+    width, rule = None, "count of W_M > 0"
+    head_dim = int(st.layers[0].self_attn.head_dim)
+    why = width_error(st.hf_model.config, head_dim, count) if 0 < count < d else None
+    if why is not None:
+        width = nearest_legal_width(st.hf_model.config, head_dim, count, d, prefer=mask.target)
+        rule = f"nearest accepted width ({why})"
+        logger.warning("binarize: the mask keeps %d channels, but %s; folding to d'=%d (the %d "
+                       "largest W_M kept)", count, why, width, width)
+    report = mask.binarize(width=width)
+    report["rule"] = rule
+    return report
 
 
 def num_active(model: nn.Module) -> int:
