@@ -159,12 +159,21 @@ def _split(feats: list, eval_rows: int, seed: int) -> tuple[list, list]:
     return [f for i, f in enumerate(feats) if i not in held], [feats[i] for i in sorted(held)]
 
 
-def _training_args(opts: TrainOptions, work: str, n_train: int, device: torch.device):
+def _steps(opts: TrainOptions, n_train: int) -> int:
+    """Optimizer steps of the run; refuses runs too short for the mask schedule (n0 ≥ 2)."""
+    steps = opts.max_steps if opts.max_steps > 0 else math.ceil(
+        opts.epochs * math.ceil(n_train / opts.batch_size) / opts.grad_accum)
+    if opts.keep < 1.0:
+        from .schedule import MaskSchedule
+
+        MaskSchedule(total_steps=steps).length  # raises: "n0 must be >= 2"
+    return steps
+
+
+def _training_args(opts: TrainOptions, work: str, steps: int, device: torch.device):
     from transformers import TrainingArguments
 
     per_step = opts.batch_size * opts.grad_accum
-    steps = opts.max_steps if opts.max_steps > 0 else math.ceil(
-        opts.epochs * math.ceil(n_train / opts.batch_size) / opts.grad_accum)
     kw = dict(output_dir=work, max_steps=steps, per_device_train_batch_size=opts.batch_size,
               gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.learning_rate,
               weight_decay=RECIPE.weight_decay, max_grad_norm=RECIPE.max_grad_norm,
@@ -175,7 +184,7 @@ def _training_args(opts: TrainOptions, work: str, n_train: int, device: torch.de
               bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
               remove_unused_columns=False)
     kw.update(opts.extra)
-    return TrainingArguments(**kw), steps, per_step
+    return TrainingArguments(**kw), per_step
 
 
 def run_train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
@@ -191,6 +200,7 @@ def run_train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
     config, tok, feats, device = validate(opts)
     out = _check_out(opts.out, opts.model, opts.force)
     train_f, eval_f = _split(feats, opts.eval_rows, opts.seed)
+    steps = _steps(opts, len(train_f))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     collator = ResponseOnlyCollator(int(pad))
     timings = {"validate_s": time.perf_counter() - t0}
@@ -208,16 +218,18 @@ def run_train(opts: TrainOptions, echo: Callable[[str], None] = print) -> dict:
     backend = None
     if pruning:
         freeze = None if opts.mask_schedule == "paper" else MaskSchedule().freeze
-        prepare(model, keep=opts.keep, rank=opts.hio_rank, schedule=MaskSchedule(freeze=freeze))
-        backend = select_backend("auto", device)
+        # CUDA: the fused Triton HSM kernels (auto falls back to torch with a warning if Triton
+        # cannot run); CPU: the torch reference, never the Triton interpreter (a testing tool)
+        backend = select_backend("auto", device) if device.type == "cuda" else "torch"
+        prepare(model, keep=opts.keep, rank=opts.hio_rank, schedule=MaskSchedule(freeze=freeze),
+                backend=backend)
     timings["load_s"] = time.perf_counter() - t
 
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{out.name}.pat-partial-", dir=parent)
     try:
-        args, steps, per_step = _training_args(opts, os.path.join(work, "trainer"), len(train_f),
-                                               device)
+        args, per_step = _training_args(opts, os.path.join(work, "trainer"), steps, device)
         echo(f"PAT: {type(base).__name__} d={d} -> keep {opts.keep:g} "
              f"({'target ' + str(get_mask(model).target) if pruning else 'no pruning'}), "
              f"{len(train_f)} training rows, {steps} steps of {per_step}, HSM backend {backend}, "

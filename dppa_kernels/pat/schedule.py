@@ -63,7 +63,10 @@ class MaskSchedule:
                              "pat.prepare / MaskSchedule (the trainer callback sets it from "
                              "max_steps)")
         if n0 < 2:
-            raise ValueError(f"the mask schedule length n0 must be >= 2 (ln(n0) divides), got {n0}")
+            raise ValueError(f"the mask schedule length n0 must be >= 2 (ln(n0) divides), got {n0}"
+                             + ("" if self.n0 is not None else
+                                f" from total_steps={self.total_steps} (n0 = "
+                                f"{self.s0_fraction:.3g}·total_steps): train for more steps"))
         return n0
 
     @property
