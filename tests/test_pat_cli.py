@@ -148,3 +148,21 @@ def test_pat_train_refuses_bad_input_before_training(tmp_path, base, case, match
 
     assert re.search(match, lines[0]), lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_demo_writes_a_model_and_data_train_accepts(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dppa_kernels import pat
+    from dppa_kernels.pat.demo import make_demo
+
+    paths = make_demo(tmp_path / "demo", pretrain_steps=2, n_train=8, n_test=2, echo=lambda s: None)
+    rows = pat.load_jsonl(paths["train"])
+    assert len(rows) == 8 * 5 and len(pat.load_jsonl(paths["test"])) == 2 * 5
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in pat.load_jsonl(paths["test"])}
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    assert AutoModelForCausalLM.from_pretrained(paths["model"]).config.model_type == "llama"
+    assert tok.decode(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]) == \
+        rows[0]["prompt"]
+    with pytest.raises(ValueError, match="is not empty"):
+        make_demo(tmp_path / "demo", pretrain_steps=2)

@@ -1,4 +1,4 @@
-"""pat.fold: the folded dense model equals the hard-masked PAT model (PAT.md §7)."""
+"""pat.fold: the folded dense model equals the hard-masked PAT model."""
 
 import os
 

@@ -128,7 +128,7 @@ def test_identity_loss_covers_every_hsm():
     per = [h.identity_loss() for _, h in pat.hsms(model)]
     total = pat.identity_loss(model)
     assert torch.isfinite(total) and total.item() == pytest.approx(sum(p.item() for p in per))
-    # Kaiming L0 with L1 = 0: L0 L0ᵀ ≈ I/3, so each term is ≈ (2/3)²/r (PAT.md §5)
+    # Kaiming L0 with L1 = 0: L0 L0ᵀ ≈ I/3, so each term is ≈ (2/3)²/r
     assert 0.2 / 6 < per[0].item() < 1.5 / 6
     total.backward()
     assert all(h.l0.grad is not None and h.l0.grad.abs().sum() > 0 for _, h in pat.hsms(model))

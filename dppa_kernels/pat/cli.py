@@ -60,6 +60,9 @@ def train(
     max_length: int = typer.Option(RECIPE.max_length, "--max-length"),
     template: Optional[str] = typer.Option(None, "--template", help="prompt template with {prompt} "
                                            "(default: the alpaca-style instruction template)"),
+    prompt_field: str = typer.Option("prompt", "--prompt-field", help="JSONL field of the prompt"),
+    response_field: str = typer.Option("response", "--response-field",
+                                       help="JSONL field of the response (e.g. answer)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N] (cuda: bf16 autocast, "
                                                        "fused Triton HSM kernels)"),
     seed: int = typer.Option(RECIPE.seed, "--seed"),
@@ -77,6 +80,7 @@ def train(
                         learning_rate=lr, mask_lr=_mask_lr(mask_lr), hio_rank=_rank(hio_rank),
                         mask_schedule=mask_schedule, batch_size=batch_size, grad_accum=grad_accum,
                         max_length=max_length, device=device, seed=seed,
+                        prompt_field=prompt_field, response_field=response_field,
                         gradient_checkpointing=gradient_checkpointing, force=force,
                         progress=not no_progress, **kw)
     try:
@@ -93,3 +97,21 @@ def train(
                + ("" if gap is None else f", held-out loss soft {loss['eval_soft_mask']:.4f} / "
                                          f"hard {loss['eval_hard_mask']:.4f} (gap {gap:+.4f})")
                + f", {rep['timings']['total_s']:.0f} s -> {out}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Argument(..., help="folder to create (model/, train.jsonl, test.jsonl)"),
+    pretrain_steps: int = typer.Option(300, "--pretrain-steps"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a small Llama pretrained on the package's synthetic tasks, and prompt/response
+    JSONL of those tasks: a local starting point for `dppa pat train`."""
+    from .demo import DEMO_TEMPLATE, make_demo
+
+    try:
+        paths = make_demo(out, pretrain_steps=pretrain_steps, seed=seed, echo=typer.echo)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"next: dppa pat train --model {paths['model']} --data {paths['train']} "
+               f"--template '{DEMO_TEMPLATE}' --keep 0.75 --out {out}/pat")

@@ -1,5 +1,5 @@
 """Prompt/response data for PAT tuning: JSONL loading with validation, tokenisation with an
-instruction template, and a collator that puts the loss on response tokens only (PAT.md §6)."""
+instruction template, and a collator that puts the loss on response tokens only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-# PAT.md §6: the alpaca-style template of the recipe; the response follows, then </s>
+# the recipe's alpaca-style template of the recipe; the response follows, then </s>
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 IGNORE_INDEX = -100  # labels with this value carry no loss (torch cross-entropy's ignore_index)
 

@@ -1,4 +1,4 @@
-"""Exact fold of a PAT-tuned model into a physically smaller dense model (PAT.md §7).
+"""Exact fold of a PAT-tuned model into a physically smaller dense model.
 
 With keep = {i : W_M,i > 0} (the binarised mask), d′ = |keep|, c = √(d/d′), all in fp32:
 
@@ -134,7 +134,7 @@ def _folded_config(hf: nn.Module, st, d_new: int, exact_eps: bool, dtype: torch.
 
 
 def verify(folded: nn.Module, model: nn.Module, input_ids: torch.Tensor) -> float:
-    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids`` (PAT.md §7)."""
+    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids``."""
     with torch.no_grad():
         ref = model(input_ids=input_ids).logits.float()
         got = folded(input_ids=input_ids.to(next(folded.parameters()).device)).logits.float()

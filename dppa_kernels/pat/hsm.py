@@ -32,14 +32,14 @@ def resolve_rank(rank: Union[int, str], d: int) -> int:
 
 
 class HSM(nn.Module):
-    """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add (PAT.md §3).
+    """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add.
 
     L0 ∈ R^{r×d} (Kaiming-uniform, a = √5, as nn.Linear), L1 ∈ R^{d×r} (zeros), s ∈ R^d (ones), so
     D = I at initialisation. Variants by ``identity_loss``: ``"code"`` (default: with the scale s),
     ``"paper"`` (D = I + L1 diag(v) L0 with v ∈ R^r = 0 and L1 with random orthonormal columns,
     no s) and ``"none"`` (no s, no v; the ablation without identity loss). Parameters are fp32.
     ``out_dtype`` (default None: y's dtype) chooses the residual precision: torch.float32 makes the
-    residual stream fp32 from this HSM on (what the official code did silently, PAT.md §9); the
+    residual stream fp32 from this HSM on (what the official code did silently); the
     model's Linear layers then need autocast, as in the official bf16-autocast recipe.
     """
 

@@ -1,4 +1,4 @@
-"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d for all HSMs (PAT.md §4)."""
+"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d for all HSMs."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class UnifiedMask(nn.Module):
         """The scheduled gate at the current step, whether or not the mask is binarised."""
         n, sch = self.step, self.schedule
         w = self.weight.detach() if (n > 0 and sch.frozen(n)) else self.weight
-        # torch.clamp passes no gradient where it clamps, as required (PAT.md §4)
+        # torch.clamp passes no gradient where it clamps, as required
         return torch.sigmoid(torch.clamp(sch.tau(n) * w, min=sch.clamp_min)) + sch.beta(n)
 
     def count_loss(self) -> torch.Tensor:
@@ -125,7 +125,7 @@ class UnifiedMask(nn.Module):
         64, 128): d′ = the nearest multiple (≥ multiple_of, < d) of the count, largest W_M kept.
         Ties among equal W_M go to the lower index (``torch.topk`` order is not relied on).
 
-        Raises on exact zeros of W_M (PAT.md §4: the STE counts them as kept, the export predicate
+        Raises on exact zeros of W_M (the STE counts them as kept, the export predicate
         as dropped), and when W_M keeps no channel or all of them (an untrained mask). Logs a
         warning with the numbers when the soft gate is not polarised (any channel more than
         ``FAR`` from its hard value): the hard-masked model then differs from the trained one.

@@ -28,7 +28,7 @@ from .recipe import RECIPE, warmup_steps
 REPORT = "pat_report.json"
 PLOT = "pat_training.png"
 MASK_SCHEDULES = ("paper", "code")
-VERIFY_RTOL = 1e-5  # PAT.md §7: folded vs hard-masked logits, fp32
+VERIFY_RTOL = 1e-5  # folded vs hard-masked logits, fp32
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Insert HSMs and the shared mask into a Hugging Face Llama-family model, without forking it.
 
-Placement (PAT.md §2, 2L + 1 HSMs): forward hooks on ``embed_tokens``, on every ``self_attn`` (its
+Placement (2L + 1 HSMs): forward hooks on ``embed_tokens``, on every ``self_attn`` (its
 first output is the ``o_proj`` output) and on every ``mlp`` (the ``down_proj`` output). The hooks
 rewrite those outputs before the decoder layer adds them to the residual stream, so the stream is a
 sum of masked tensors. Hooking the parents, not the Linear layers, lets PEFT wrap q/k/v/o/gate/up/
@@ -66,7 +66,7 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
         keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1).
         rank: HIO rank r, or ``"auto"`` = min(200, max(1, round(0.05·d))): 200 for d = 4096 as in
             the official recipe, ≈ 5 % of d for small models (``resolve_rank``).
-        schedule: mask schedule (defaults of PAT.md §4); or give only ``total_steps``.
+        schedule: mask schedule (the official code's defaults); or give only ``total_steps``.
         count_loss, count_weight, polarization: mask losses (``UnifiedMask``).
         identity_loss: ``"code"`` (scale s, default), ``"paper"`` (diag(v)) or ``"none"``.
         backend: HSM op backend, ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -224,7 +224,7 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def sparsity_loss(model: nn.Module) -> torch.Tensor:
-    """Mask loss: count loss (+ polarisation), PAT.md §4. Add it to the task loss once per step."""
+    """Mask loss: count loss (+ polarisation). Add it to the task loss once per step."""
     return get_mask(model).sparsity_loss()
 
 
@@ -232,7 +232,7 @@ IDENTITY_SCOPES = ("all", "official")
 
 
 def identity_loss(model: nn.Module, scope: str = "all") -> torch.Tensor:
-    """Σ_h identity loss of HSM h (PAT.md §5). ``scope="all"`` sums all 2L + 1 HSMs (default);
+    """Σ_h identity loss of HSM h. ``scope="all"`` sums all 2L + 1 HSMs (default);
     ``"official"`` reproduces the official code's bug B1 (embedding HSM + the last layer's two)."""
     if scope not in IDENTITY_SCOPES:
         raise ValueError(f"scope must be one of {IDENTITY_SCOPES}, got {scope!r}")

@@ -1,4 +1,4 @@
-"""The PAT training recipe (PAT.md §6): LoRA on every linear layer alongside the HSMs, one
+"""The PAT training recipe: LoRA on every linear layer alongside the HSMs, one
 learning rate, cosine schedule, and the rule for the mask's learning rate on short runs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 
 from .arch import ATTN_IN, MLP_IN, resolve
 
-# every Linear of a decoder layer; not lm_head, not the HSMs (PAT.md §6)
+# every Linear of a decoder layer; not lm_head, not the HSMs
 LORA_TARGETS = (*ATTN_IN, "o_proj", *MLP_IN, "down_proj")
 # Under Adam a parameter moves ≈ lr per step while its gradient keeps its sign, so W_M travels
 # ≈ lr·n. The recipe (lr 5e-5, n0 = 10 000) lets it travel 0.5 = the polarisation target by n0;
@@ -20,7 +20,7 @@ MASK_TRAVEL = 0.5
 
 @dataclass(frozen=True)
 class Recipe:
-    """Defaults of the official recipe for Llama-2-7B (PAT.md §6). Batch 8 × grad-accum 2 per
+    """Defaults of the official recipe for Llama-2-7B. Batch 8 × grad-accum 2 per
     device (× 8 GPUs in the paper); ``warmup_steps`` is capped at 10 % of a shorter run."""
 
     lora_rank: int = 20

@@ -1,4 +1,4 @@
-"""Temperature/offset schedule of PAT's unified sparsification mask (PAT.md §4).
+"""Temperature/offset schedule of PAT's unified sparsification mask.
 
 Step convention: ``n`` is the index of the optimizer update that the current forward/backward
 contributes to, counted from 1 (HF Trainer: ``state.global_step + 1`` at ``on_step_begin``).

@@ -1,4 +1,4 @@
-"""``PATTrainer``: a transformers ``Trainer`` that runs pruning-aware tuning (PAT.md §4–§6)."""
+"""``PATTrainer``: a transformers ``Trainer`` that runs pruning-aware tuning."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class PATTrainer(Trainer):
     """Trainer for a model prepared with ``pat.prepare`` (optionally PEFT LoRA inside).
 
     Per micro-batch the loss is  task loss + ``pat.sparsity_loss`` + ``pat.identity_loss``
-    (PAT.md §5, all weights 1). Under gradient accumulation the two PAT terms count once per
+    (all weights 1). Under gradient accumulation the two PAT terms count once per
     optimizer step whichever way the task loss is normalised. The mask schedule advances every
     optimizer step (a ``PATCallback`` is added unless one is given; a schedule without a length
     takes ``total_steps`` = the run's max_steps, so n0 = ⅓ of it). The mask proxy W_M gets its
