@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,20 +32,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT / "bench")]
+from bench_pat import commit  # noqa: E402
 from structured import CRITERIA, activation_scores, magnitude_scores, prune_to_width  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "pat"
 # task -> size range (small enough for a 0.8 M-parameter model to learn in minutes)
 TASKS = {"reverse": (3, 6), "sort": (3, 6), "lookup": (2, 5), "count": (4, 10), "add": (1, 3)}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def make_data(work: Path, n_pre: int, n_tune: int, n_test: int, seed: int) -> dict:
