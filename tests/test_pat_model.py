@@ -118,8 +118,9 @@ def test_training_lowers_loss_and_moves_mask_to_target():
     active = pat.num_active(model)
     assert abs(active - 48) <= 64 // 8, hist
     assert len({h[1] for h in hist}) > 2  # the mask really moved
-    pat.binarize(model)
-    assert pat.num_active(model) == active
+    rep = pat.binarize(model)  # the count, or the nearest width LlamaConfig (4 heads) accepts
+    assert rep["count"] == active and pat.num_active(model) == rep["width"]
+    assert rep["width"] % 4 == 0 and abs(rep["width"] - active) <= 2
 
 
 def test_identity_loss_covers_every_hsm():

@@ -138,3 +138,18 @@ def test_not_polarised_warning_has_the_numbers(caplog):
                                     (1024, 51), (64, 3), (8, 1)])
 def test_rank_default_rule(d, rank):
     assert pat.resolve_rank("auto", d) == rank
+
+
+def test_prepare_targets_a_foldable_width(caplog):
+    """keep·d = 0.7·48 = 33.6: LlamaConfig (4 heads) accepts 32 and 36; 32 is nearer 33.6."""
+    model = small("llama", 4, 2)
+    with caplog.at_level(logging.INFO, logger="dppa_kernels.pat"):
+        pat.prepare(model, keep=0.7, backend="torch")
+    assert pat.get_mask(model).target == 32 and "target is d'=32" in caplog.text
+    model = small("llama", 4, 2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dppa_kernels.pat"):
+        pat.prepare(model, keep=45, backend="torch")  # an explicit count is adjusted loudly
+    assert pat.get_mask(model).target == 44 and "45 kept channels" in caplog.text
+    for family in ("mistral", "qwen2"):  # any width is accepted: the target is kept
+        assert pat.get_mask(pat.prepare(small(family, 4, 2), keep=45)).target == 45

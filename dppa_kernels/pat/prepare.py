@@ -63,7 +63,8 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
 
     Args:
         model: a Llama/Mistral/Qwen2 ``*ForCausalLM`` or ``*Model``, optionally a PEFT model.
-        keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1).
+        keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1);
+            moved to the nearest hidden size the model's config class accepts (logged).
         rank: HIO rank r, or ``"auto"`` = min(200, max(1, round(0.05·d))): 200 for d = 4096 as in
             the official recipe, ≈ 5 % of d for small models (``resolve_rank``).
         schedule: mask schedule (the official code's defaults); or give only ``total_steps``.
@@ -85,9 +86,17 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
     d = st.hidden_size
     target = _resolve_keep(keep, d)
     r = resolve_rank(rank, d)
-    # no training run should end in a model that cannot be folded: the architecture must accept
-    # some d' < d (transformers 5's LlamaConfig, e.g., needs d' % num_attention_heads == 0)
-    nearest_legal_width(st.hf_model.config, int(st.layers[0].self_attn.head_dim), target, d)
+    # Train towards a width the architecture accepts (transformers 5's LlamaConfig, e.g., needs
+    # d' % num_attention_heads == 0): the count loss then lands where binarize keeps the mask's
+    # own choice, instead of adding or dropping channels after training. Raises when no d' < d
+    # is foldable at all.
+    legal = nearest_legal_width(st.hf_model.config, int(st.layers[0].self_attn.head_dim), target,
+                                d, prefer=keep * d if isinstance(keep, float) else target)
+    if legal != target:
+        (logger.info if isinstance(keep, float) else logger.warning)(
+            "prepare: %d kept channels is not a hidden size %s accepts; the mask's target is "
+            "d'=%d instead", target, type(st.hf_model.config).__name__, legal)
+        target = legal
     if schedule is not None and total_steps is not None:
         raise ValueError("pass either schedule or total_steps, not both")
     if schedule is None:
