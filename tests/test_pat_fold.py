@@ -6,10 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_pat_model import FAMILIES, VOCAB, ids, tiny  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from dppa_kernels import pat  # noqa: E402
-from test_pat_model import FAMILIES, VOCAB, ids, tiny  # noqa: E402
 
 D = 64
 

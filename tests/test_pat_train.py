@@ -10,10 +10,10 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from test_pat_model import tiny, toy_batch  # noqa: E402
 
 from dppa_kernels import pat  # noqa: E402
 from dppa_kernels.pat.trainer import LOG_KEYS  # noqa: E402
-from test_pat_model import tiny, toy_batch  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

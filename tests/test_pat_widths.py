@@ -9,10 +9,10 @@ import logging  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_pat_model import FAMILIES  # noqa: E402
 
 from dppa_kernels import pat  # noqa: E402
 from dppa_kernels.pat.widths import nearest_legal_width, width_error  # noqa: E402
-from test_pat_model import FAMILIES  # noqa: E402
 
 D = 48
 HEADS = [1, 2, 3, 4, 6, 8, 12]

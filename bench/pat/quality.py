@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         entries.append(("dense LoRA", "dense LoRA", str(work / "dense"), dense_rep))
         dense = AutoModelForCausalLM.from_pretrained(work / "dense").float().eval()
         calib = calibration_batches(base, data)
-        scores = {"activation": activation_scores(dense, calib), "magnitude": magnitude_scores(dense)}
+        scores = {"activation": activation_scores(dense, calib),
+                  "magnitude": magnitude_scores(dense)}
         for keep in args.keeps:
             rep = tune(base, data, work / f"pat{keep}", keep, args)
             pct = round(100 * (1 - rep["kept_width"] / rep["hidden_size"]), 1)

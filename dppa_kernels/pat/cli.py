@@ -38,8 +38,8 @@ def _mask_lr(text: str):
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="local Hugging Face model folder (Llama, Mistral "
-                                                   "or Qwen2, with its tokenizer)"),
+    model: str = typer.Option(..., "--model", help="local Hugging Face model folder (Llama, "
+                                                   "Mistral or Qwen2, with its tokenizer)"),
     data: str = typer.Option(..., "--data", help="JSONL, one {\"prompt\": ..., \"response\": ...} "
                                                  "per line"),
     keep: float = typer.Option(0.75, "--keep", help="fraction of hidden channels kept, in (0, 1]; "
@@ -49,7 +49,8 @@ def train(
     max_steps: int = typer.Option(-1, "--max-steps", help="optimizer steps (overrides --epochs)"),
     lora_rank: int = typer.Option(RECIPE.lora_rank, "--lora-rank", help="0 = no LoRA"),
     lora_alpha: float = typer.Option(RECIPE.lora_alpha, "--lora-alpha"),
-    lr: float = typer.Option(RECIPE.learning_rate, "--lr", help="one learning rate for LoRA and HSMs"),
+    lr: float = typer.Option(RECIPE.learning_rate, "--lr",
+                             help="one learning rate for LoRA and HSMs"),
     mask_lr: str = typer.Option("auto", "--mask-lr", help="mask proxy learning rate: auto = "
                                 "max(lr, 0.5/n0), none = --lr, or a number"),
     hio_rank: str = typer.Option("auto", "--hio-rank", help="HSM rank: auto = min(200, 5% of d)"),

@@ -148,9 +148,9 @@ def fold(model: nn.Module, *, dtype: Optional[torch.dtype] = None, exact_eps: bo
     (``pat.binarize``); it is left unchanged. ``dtype``: dtype of the result (default: the source
     embedding's dtype); all arithmetic is fp32. ``exact_eps=False`` keeps ε as the official fold
     does (error ~ ε relative). d′ is the binarised keep count (``pat.binarize`` picks one the
-    architecture accepts; ``multiple_of=`` rounds it to a multiple of 8/64/128 instead). With ``verify_ids``
-    (token ids [B, T]) the fp32 folded model is checked against the hard-masked model before the
-    final cast: a relative logit error above ``verify_rtol`` raises RuntimeError.
+    architecture accepts; ``multiple_of=`` rounds it to a multiple of 8/64/128 instead). With
+    ``verify_ids`` (token ids [B, T]) the fp32 folded model is checked against the hard-masked
+    model before the final cast: a relative logit error above ``verify_rtol`` raises RuntimeError.
     """
     st = _prepared(model)
     mask = st.backbone.pat_mask

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 
@@ -135,7 +135,8 @@ def validate(opts: TrainOptions):
 
         _resolve_keep(keep, int(config.hidden_size))
         resolve_rank(opts.hio_rank, int(config.hidden_size))
-    if isinstance(opts.lora_rank, bool) or not isinstance(opts.lora_rank, int) or opts.lora_rank < 0:
+    lora = opts.lora_rank
+    if isinstance(lora, bool) or not isinstance(lora, int) or lora < 0:
         raise ValueError(f"lora_rank must be an int >= 0 (0: no LoRA), got {opts.lora_rank!r}")
     _check_out(opts.out, opts.model, opts.force)
     rows = load_jsonl(opts.data, opts.prompt_field, opts.response_field)

@@ -37,8 +37,9 @@ class PATTrainer(Trainer):
     works: the HSM hooks run inside the checkpointed layers and are recomputed.
     """
 
-    def __init__(self, model=None, args=None, *posargs, mask_lr: Optional[Union[float, str]] = "auto",
-                 identity_scope: str = "all", **kwargs) -> None:
+    def __init__(self, model=None, args=None, *posargs,
+                 mask_lr: Optional[Union[float, str]] = "auto", identity_scope: str = "all",
+                 **kwargs) -> None:
         self._pat_mask = get_mask(model)  # raises early for a model without PAT modules
         mask_learning_rate(1.0, 2, mask_lr)  # validates mask_lr before any training
         collator = kwargs.get("data_collator", posargs[0] if posargs else None)
