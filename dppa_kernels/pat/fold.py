@@ -33,10 +33,16 @@ from .hsm import HSM
 from .prepare import _prepared
 from .widths import folded_config, width_error
 
-try:  # skips the random init of weights that are overwritten anyway
-    from transformers.initialization import no_init_weights as _no_init
-except Exception:  # pragma: no cover - older transformers
-    _no_init = nullcontext
+
+
+def _no_init():
+    """Skips the random init of weights that are overwritten anyway (imported here: the CLI
+    imports this module on every command, and transformers costs about a second to import)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except Exception:  # pragma: no cover - older transformers
+        return nullcontext()
+    return no_init_weights()
 
 
 def _lora_delta(mod: nn.Module, name: str) -> torch.Tensor:
