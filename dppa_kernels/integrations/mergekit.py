@@ -30,7 +30,9 @@ broken by index instead of by sort order. DARE/DELLA draw from our counter-hash 
 (seed, tensor name, model index), so they match mergekit only statistically but are reproducible
 across task orders, devices and ``--multi-gpu``; the seed is ``install(seed=...)``, which
 ``dppa-mergekit-yaml`` sets from ``--random-seed`` (default 0). Inputs of a dtype our kernels do
-not take (fp64) and groups without a base go to mergekit's own code.
+not take (fp64), groups without a base, and groups for which autograd records (grad enabled and an
+input requiring grad, e.g. ``merge_state_dicts`` on modules) go to mergekit's own code; ``dppa``
+has no mergekit code, so it runs on the differentiable in-package reference there.
 
 Devices: tensors arrive on mergekit's math device (``--cuda``, ``--read-to-gpu``,
 ``--low-cpu-memory``, possibly as non-contiguous views); our ops pick the backend by device and
@@ -49,8 +51,9 @@ import torch
 
 from ..methods import METHODS, preset
 from ..ops import merge_deltas
-from ._deps import require
-from .mergekit_dppa import DPPATable, active_table, dppa_spec_params, prepare_dppa, set_dppa_table
+from ._deps import records_grad, require
+from .mergekit_dppa import (DPPATable, active_table, call_table, dppa_spec_params, in_memory_call, in_memory_table,
+                            prepare_dppa, set_dppa_table)
 
 __all__ = ["install", "uninstall", "is_installed", "installed", "run_merge", "prepare_dppa",
            "set_dppa_table", "DPPATable", "GTA_NAMES"]
@@ -106,7 +109,8 @@ def _build_classes():
         def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
             base, entries = group.base, group.non_base
             if base is None or not entries or base.tensor.dtype not in _FAST_DTYPES \
-                    or any(e.tensor.dtype != base.tensor.dtype for e in entries):
+                    or any(e.tensor.dtype != base.tensor.dtype for e in entries) \
+                    or records_grad(e.tensor for e in group.entries):
                 return super().merge_group(group, **parameters)
             sp = self.sparsification_method
             sparsifier = _SPARSIFIERS[None if sp is None else getattr(sp, "value", sp)]
@@ -146,6 +150,16 @@ def _build_classes():
                 contract=InputContract(base=BasePolicy.REQUIRED),
             )
 
+        def __call__(self, groups, /, **kwargs: Any):
+            # the in-memory entry point (merge_state_dicts, merge_tensors): every tensor is at hand
+            with in_memory_call():
+                return super().__call__(groups, **kwargs)
+
+        def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
+            table = in_memory_table(self.method_name, groups, parameters, input_dtypes, backend=_state["backend"])
+            with call_table(table):
+                return super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
+
         def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
             base, entries = group.base.tensor, group.non_base
             if not entries:
@@ -181,10 +195,13 @@ def _merge(group, specs, weights, combine) -> torch.Tensor:
     base = group.base.tensor
     # Δ in the working dtype, exactly as mergekit forms it (entries are already dtype-aligned)
     deltas = [e.tensor - base for e in group.non_base]
+    # the in-package reference is differentiable and takes float64: it serves what the kernels cannot
+    slow = records_grad(e.tensor for e in group.entries) or base.dtype not in _FAST_DTYPES
     with _no_autocast(base.device):
         return merge_deltas(deltas, base, specs=specs, weights=weights, combine=combine,
                             seed=int(_state["seed"]), name=group.metadata.name or "",
-                            out_dtype=base.dtype, check_finite=False, backend=_state["backend"])
+                            out_dtype=base.dtype, check_finite=False,
+                            backend="reference" if slow else _state["backend"])
 
 
 def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> None:
