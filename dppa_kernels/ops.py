@@ -4,6 +4,11 @@ Every function takes ``backend="auto" | "reference" | "torch" | "cpu" | "triton"
 ``reference`` runs the pure-torch definitions in :mod:`dppa_kernels.reference`; the others run
 the same semantics through the primitives of :mod:`dppa_kernels.backends.base`.
 Inputs are never modified.
+
+``check_finite=True`` (the default) refuses NaN/Inf inputs with a ValueError naming the tensor.
+On the fast backends the check costs (almost) nothing: the select / histogram pass that reads a
+tensor anyway reports non-finite keys, and the fused apply pass checks the inputs no select read
+(the base, and deltas of methods without a threshold). The reference checks explicitly.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from . import _validate as V
 from . import reference as R
-from .backends.base import ApplyPlan
+from .backends.base import ApplyPlan, NonFiniteInput
 from .backends.registry import get_backend, resolve
 from .methods import preset
 from .reference import rng
@@ -38,6 +43,8 @@ def _partition_lengths(x: torch.Tensor, partition: str, block_size: Optional[int
 
 def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch.Tensor:
     """Vectorised :func:`reference.keep_count` (same float64 arithmetic)."""
+    if lengths.numel() == 1:  # one partition: plain Python floats, no chain of tiny tensor ops
+        return torch.tensor([R.keep_count(int(lengths[0]), density, count_rule)], dtype=torch.int64)
     n = lengths.to(torch.float64)
     if density >= 1.0:
         return lengths.clone()
@@ -52,31 +59,43 @@ def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch
     return torch.where(lengths > 0, k.to(torch.int64), torch.zeros_like(lengths))
 
 
-def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor]):
-    """tau, c_above, c_eq as [P, K] for K keep-count vectors (one select per level)."""
+def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor], check_as: Optional[str] = None):
+    """tau, c_above, c_eq as [P, K] for K keep-count vectors (one select per level; the first
+    checks x for NaN/Inf when ``check_as`` names it)."""
     kd = spec.key_dtype or x.dtype
     if (len(ks) > 1 and spec.partition == "tensor" and kd in (torch.bfloat16, torch.float16)):
-        hist = be.histogram(x, kd)  # one pass gives every level (DPPA.md §5)
+        hist = V.histogram_checked(be, x, kd, check_as)  # one pass gives every level (DPPA.md §5)
         rows = [R.threshold_from_hist(hist, int(k[0]), kd) for k in ks]
         t = torch.tensor(rows, dtype=torch.int64)  # [K, 3]
         return t[:, 0].unsqueeze(0), t[:, 1].unsqueeze(0), t[:, 2].unsqueeze(0)
-    res = [be.select(x, k, spec.partition, spec.block_size, spec.key_dtype) for k in ks]
-    return tuple(torch.stack([r[i] for r in res], dim=1) for i in range(3))
+    res = [V.checked_pass(lambda c, k=k: be.select(x, k, spec.partition, spec.block_size, spec.key_dtype,
+                                                   check_finite=c), x, check_as if j == 0 else None)
+           for j, k in enumerate(ks)]
+    return tuple(_columns([r[i] for r in res]) for i in range(3))
 
 
-def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode) -> ApplyPlan:
-    tau, above, eq = _select_levels(be, x, spec, ks)
-    k = torch.stack([kk for kk in ks], dim=1)
-    budget = (k - above).clamp(min=0)
+def _columns(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[P, K] from K vectors of length P (a view for K = 1, the common case)."""
+    return vectors[0].unsqueeze(1) if len(vectors) == 1 else torch.stack(list(vectors), dim=1)
+
+
+def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode, check_as=None) -> ApplyPlan:
+    tau, above, eq = _select_levels(be, x, spec, ks, check_as)
+    budget = (_columns(ks) - above).clamp(min=0)
     return ApplyPlan(kind="thresholds", partition=spec.partition, block_size=spec.block_size,
                      key_dtype=spec.key_dtype, tie_mode=tie_mode, tau_key=tau, budget=budget, c_eq=eq,
-                     factors=tuple(float(f) for f in factors))
+                     factors=tuple(float(f) for f in factors), finite_checked=check_as is not None)
 
 
-def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int) -> ApplyPlan:
-    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived)."""
+def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
+              check_as: Optional[str] = None) -> ApplyPlan:
+    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived).
+
+    ``check_as``: the name of ``delta`` in a NaN/Inf error; a threshold select then checks it
+    (``plan.finite_checked``), and the apply pass is left to check the others.
+    """
     m = spec.method
-    lengths = _partition_lengths(delta, spec.partition, spec.block_size)
+    lengths = _partition_lengths(delta, spec.partition, spec.block_size) if m in ("magnitude", "bands") else None
     if m == "none":
         plan = ApplyPlan("dense")
     elif m == "magnitude":
@@ -84,10 +103,11 @@ def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: s
             plan = ApplyPlan("dense")
         else:
             k = lengths.clone() if spec.density >= 1.0 else keep_counts(lengths, spec.density, spec.count_rule)
-            plan = _threshold_plan(be, delta, spec, [k], (1.0,), spec.tie_mode)
+            plan = _threshold_plan(be, delta, spec, [k], (1.0,), spec.tie_mode, check_as)
     elif m == "bands":
         ks = [keep_counts(lengths, d, spec.count_rule) for d in spec.densities]
-        plan = _threshold_plan(be, delta, spec, ks, band_factors(spec.alphas, spec.band_combine), spec.tie_mode)
+        plan = _threshold_plan(be, delta, spec, ks, band_factors(spec.alphas, spec.band_combine), spec.tie_mode,
+                               check_as)
     elif m == "breadcrumbs":
         if spec.density >= 1.0:
             plan = ApplyPlan("dense")
@@ -95,7 +115,7 @@ def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: s
             n_top, target = breadcrumbs_window(delta.numel(), spec.density, spec.gamma)
             s = spec.with_(partition="tensor", count_rule="floor")
             ks = [torch.tensor([n_top]), torch.tensor([n_top + target])]
-            plan = _threshold_plan(be, delta, s, ks, (0.0, 1.0), "exact_k")
+            plan = _threshold_plan(be, delta, s, ks, (0.0, 1.0), "exact_k", check_as)
     elif m == "dare":
         if spec.density >= 1.0:
             plan = ApplyPlan("dense")
@@ -127,17 +147,19 @@ def _rescale(be, delta, spec: SparsifySpec, plan: ApplyPlan) -> float:
     return 1.0 if (before < L1_EPS or after < L1_EPS) else before / after
 
 
-def _prepare(tensors: Sequence[torch.Tensor], argname: str, check_finite: bool, backend: str):
-    for i, t in enumerate(tensors):
-        V.check_tensor(t, f"{argname}[{i}]" if len(tensors) > 1 or argname.endswith("s") else argname)
+def _prepare(tensors: Sequence[torch.Tensor], names: Sequence[str], check_finite: bool, backend: str):
+    """The backend name; float64 only on the reference, which checks NaN/Inf here (the fast backends
+    check inside their passes)."""
+    for t, n in zip(tensors, names):
+        V.check_tensor(t, n)
     name = resolve(backend, tensors[0].device)
     if name != "reference":
-        for i, t in enumerate(tensors):
+        for t, n in zip(tensors, names):
             if t.dtype == torch.float64:
-                raise TypeError(f"{argname} is float64: only backend='reference' accepts float64")
-    if check_finite:
-        for i, t in enumerate(tensors):
-            V.check_finite(t, f"{argname}[{i}]" if len(tensors) > 1 else argname)
+                raise TypeError(f"{n} is float64: only backend='reference' accepts float64")
+    elif check_finite:
+        for t, n in zip(tensors, names):
+            V.check_finite(t, n)
     return name
 
 
@@ -163,14 +185,16 @@ def magnitude_threshold(
     spec = SparsifySpec("magnitude", density=density, partition=partition, block_size=block_size,
                         count_rule=count_rule, key_dtype=key_dtype)
     V.check_sparsify_spec(spec, "arguments")
-    name = _prepare([x], "x", check_finite, backend)
+    name = _prepare([x], ["x"], check_finite, backend)
     kd = key_dtype or x.dtype
     if name == "reference" or x.numel() == 0:
         res = R.magnitude_threshold_ref(x, density, partition=partition, block_size=block_size,
                                         count_rule=count_rule, key_dtype=key_dtype)
     else:
         k = keep_counts(_partition_lengths(x, partition, block_size), density, count_rule)
-        tau, above, eq = get_backend(name).select(x.contiguous(), k, partition, block_size, key_dtype)
+        be, xc = get_backend(name), x.contiguous()
+        tau, above, eq = V.checked_pass(lambda c: be.select(xc, k, partition, block_size, key_dtype, check_finite=c),
+                                  x, "x" if check_finite else None)
         res = {"tau_key": tau, "c_above": above, "c_eq": eq, "k": k, "tau": R.key_to_value(tau, kd)}
     if return_counts:
         return res
@@ -227,21 +251,36 @@ def prune(
     spec = sparsify_spec(method, density=density, tie_mode=tie_mode, **method_params)
     seed = 0 if seed is None else seed
     name = name or ""
-    be_name = _prepare([x], "x", check_finite, backend)
+    be_name = _prepare([x], ["x"], check_finite, backend)
     if be_name == "reference":
         return R.sparsify_ref(x, spec, seed=seed, name=name).to(x.dtype)
-    return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype)
+    return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype,
+                      names=["x"] if check_finite else None)
 
 
-def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out=None):
+def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out=None, names=None):
+    """Plans, then the fused pass. ``names``: the inputs' names (deltas, then base) to check for
+    NaN/Inf, each in the first pass that reads it; None: no check."""
     if deltas[0].numel() == 0:  # nothing to select or apply; backends need not handle it
         return torch.empty(deltas[0].shape, dtype=out_dtype, device=deltas[0].device)
     be = get_backend(be_name)
     deltas = [d.contiguous() for d in deltas]
-    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
+    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i, check_as=names[i] if names else None)
+             for i, (d, s) in enumerate(zip(deltas, specs))]
     if plans_out is not None:
         plans_out.extend(plans)
-    return be.apply(deltas, None if base is None else base.contiguous(), plans, weights, combine, out_dtype)
+    base = None if base is None else base.contiguous()
+    check = [i for i, p in enumerate(plans) if not p.finite_checked] + ([len(deltas)] if base is not None else [])
+    run = lambda c: be.apply(deltas, base, plans, weights, combine, out_dtype, check_finite=c)  # noqa: E731
+    if not names:
+        return run(())
+    try:
+        return run(tuple(check))
+    except NonFiniteInput as exc:
+        inputs = deltas + [base]
+        for i in exc.inputs:
+            V.check_finite(inputs[i], names[i])
+        raise AssertionError(f"apply reported NaN/Inf in inputs {exc.inputs} that have none") from exc
 
 
 def merge_deltas(
@@ -298,22 +337,24 @@ def merge_deltas(
     for i, s in enumerate(specs):
         V.check_sparsify_spec(s, f"specs[{i}]")
     V.check_combine_spec(combine)
-    be_name = _prepare(list(deltas) + ([base] if base is not None else []), "deltas", check_finite, backend)
+    names = [f"deltas[{i}]" for i in range(len(deltas))] + ["base"]
+    be_name = _prepare(list(deltas) + ([base] if base is not None else []), names, check_finite, backend)
     out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
     if be_name == "reference":
         return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
-    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out)
+    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out,
+                      names=names if check_finite else None)
 
 
 def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,
                      backend: str = "auto") -> torch.Tensor:
     """32768-bin histogram (int64, CPU) of the magnitude key of x rounded to ``stats_dtype``."""
-    be_name = _prepare([x], "x", check_finite, backend)
+    be_name = _prepare([x], ["x"], check_finite, backend)
     if stats_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stats_dtype must be torch.bfloat16 or torch.float16, got {stats_dtype}")
     if be_name == "reference":
         return R.histogram_ref(x, stats_dtype)
-    return get_backend(be_name).histogram(x.contiguous(), stats_dtype)
+    return V.histogram_checked(get_backend(be_name), x.contiguous(), stats_dtype, "x" if check_finite else None)
 
 
 def dp_densities(

@@ -32,6 +32,7 @@ struct Ctx {
   const void* base;
   int base_dtype, out_dtype;
   void* out;
+  bool check_base;
 };
 
 // Σ_i w_i·v_i in model order (fp32), then the divisor.
@@ -89,11 +90,14 @@ void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, cons
 }
 
 // One tile: every model's values into vbuf rows, then the combine into mix, then the store.
+// nf[i] (nf[M]: the base) is set when an input asked to be checked holds a NaN/Inf in the tile.
 void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank, const int* forced, uint32_t* key,
-              float* f, float* vbuf, float* mix, float* aux) {
+              float* f, float* vbuf, float* mix, float* aux, uint8_t* nf) {
   const int M = int(cx.models.size());
   for (int i = 0; i < M; ++i) {
     const Model& m = cx.models[i];
+    if (m.pd->check_finite && !nf[i])
+      nf[i] = dispatch_d(m.pd->dtype, [&](auto d) { return has_nonfinite<decltype(d)::value>(m.x, t0, len); });
     if (m.pd->kind == kThresholds && m.K == 1) {
       dispatch_d_kd(m.pd->dtype, m.pd->key_dtype, [&](auto d, auto kd) {
         thr1_values<decltype(d)::value, decltype(kd)::value>(m, t0, len, rank.data() + i * kMaxLevels, key, f,
@@ -117,6 +121,8 @@ void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank
   if (c.combine == 0) combine_sum(c, cx.weights.data(), M, len, vbuf, mix);
   else combine_ties(c, cx.weights.data(), M, len, vbuf, f, aux, mix);
   const float lam = float(c.lam);
+  if (cx.check_base && !nf[M])
+    nf[M] = dispatch_d(cx.base_dtype, [&](auto bd) { return has_nonfinite<decltype(bd)::value>(cx.base, t0, len); });
   dispatch_d(cx.out_dtype, [&](auto od) {
     constexpr int OD = decltype(od)::value;
     if (!cx.base) return tile_store<kF32, OD, false>(nullptr, cx.out, t0, len, mix, lam);
@@ -141,24 +147,27 @@ void advise_huge_pages(void* p, int64_t bytes) {
 
 }  // namespace
 
-void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
-           uintptr_t out, int out_dtype, int64_t n, int nthreads) {
+std::vector<int64_t> apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
+                           uintptr_t out, int out_dtype, int64_t n, bool check_base, int nthreads) {
   check(!plans.empty(), "at least one model");
-  if (n == 0) return;
-  const int nt = resolve_threads(nthreads);
-  Ctx cx{{}, {}, comb, reinterpret_cast<const void*>(base), base_dtype, out_dtype, reinterpret_cast<void*>(out)};
+  if (n == 0) return {};
+  const int nt = resolve_threads(nthreads, n);
+  Ctx cx{{}, {}, comb, reinterpret_cast<const void*>(base), base_dtype, out_dtype, reinterpret_cast<void*>(out),
+         check_base && base != 0};
   const Chunks ch(n);
   advise_huge_pages(cx.out, n * (out_dtype == kF32 ? 4 : 2));
   for (const PlanDesc& pd : plans) cx.models.push_back(make_model(pd, n)), cx.weights.push_back(float(pd.weight));
   for (Model& m : cx.models)
     if (m.pd->kind == kThresholds) tie_prefix(m, ch, nt);
   const int M = int(plans.size());
+  std::vector<uint8_t> nonfinite(size_t(M) + 1, 0);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> f(kTile), vbuf(size_t(M) * kTile), mix(kTile), aux(kTile);
     std::vector<uint32_t> key(kTile);
     std::vector<int64_t> rank(size_t(M) * kMaxLevels);
     std::vector<int> forced(size_t(M), -1);
+    std::vector<uint8_t> nf(size_t(M) + 1, 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < ch.count; ++c) {
       for (int i = 0; i < M; ++i)
@@ -167,9 +176,15 @@ void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, c
       for (int i = 0; i < M; ++i) forced[i] = chunk_mode(cx.models[i], c, s, e);
       for (int64_t t0 = s; t0 < e; t0 += kTile)
         run_tile(cx, t0, std::min(kTile, e - t0), rank, forced.data(), key.data(), f.data(), vbuf.data(), mix.data(),
-                 aux.data());
+                 aux.data(), nf.data());
     }
+#pragma omp critical
+    for (int i = 0; i <= M; ++i) nonfinite[i] |= nf[i];
   }
+  std::vector<int64_t> flagged;
+  for (int i = 0; i <= M; ++i)
+    if (nonfinite[i]) flagged.push_back(i);
+  return flagged;
 }
 
 }  // namespace dppa

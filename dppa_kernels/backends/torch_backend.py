@@ -12,7 +12,7 @@ import torch
 from ..reference import rng
 from ..reference.dppa import HIST_BINS
 from ..reference.threshold import magnitude_keys, no_keep_key
-from .base import ApplyPlan, Backend
+from .base import ApplyPlan, Backend, NonFiniteInput, nonfinite_key
 
 
 def _partition_index(n: int, shape, partition: str, block_size) -> tuple[torch.Tensor, int]:
@@ -41,7 +41,7 @@ class TorchBackend(Backend):
     def supports(self, device):
         return True
 
-    def select(self, x, k, partition, block_size, key_dtype):
+    def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         kd = key_dtype or x.dtype
         keys = magnitude_keys(x, kd).reshape(-1)
         length, parts = _partition_index(keys.numel(), x.shape, partition, block_size)
@@ -50,6 +50,8 @@ class TorchBackend(Backend):
             return torch.full((parts,), no_keep_key(kd), dtype=torch.int64), z, z.clone()
         k2d = _as_2d(keys, length, parts, -1)  # padding sorts below every real key
         srt = torch.sort(k2d, dim=1, descending=True).values
+        if check_finite and bool((srt[:, 0] >= nonfinite_key(kd)).any()):  # each partition's largest key
+            raise NonFiniteInput((0,))
         kk = k.to(keys.device)
         idx = (kk - 1).clamp(min=0).unsqueeze(1)
         tau = srt.gather(1, idx).squeeze(1)
@@ -97,11 +99,23 @@ class TorchBackend(Backend):
         f = self._factor(delta, plan).to(torch.float64)
         return float(d.abs().sum()), float((d * f).abs().sum())
 
-    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+    def apply(self, deltas, base, plans, weights, combine, out_dtype, *, check_finite=()):
         vals = []
         for d, plan in zip(deltas, plans):
             v = d.reshape(-1).to(torch.float32) * self._factor(d, plan) * float(plan.scale)
             vals.append(v)
+        if check_finite:
+            # NaN·0 and Inf·0 are NaN, so any non-finite input leaves a NaN/Inf in v or the base;
+            # one reduction over their sum covers them all, the inputs are only looked at one by one
+            # when it fires (the rare path)
+            probe = sum(vals[i].sum() for i in check_finite if i < len(deltas))
+            if len(deltas) in check_finite and base is not None:
+                probe = probe + base.to(torch.float32).sum()
+            if not bool(torch.isfinite(torch.as_tensor(probe))):
+                inputs = list(deltas) + [base]
+                bad = [i for i in check_finite if inputs[i] is not None and not bool(torch.isfinite(inputs[i]).all())]
+                if bad:
+                    raise NonFiniteInput(bad)
         v = torch.stack(vals)
         w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=v.device).unsqueeze(1)
         weighted = v * w

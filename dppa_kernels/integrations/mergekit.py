@@ -89,10 +89,11 @@ def _preset_name(sparsifier: str) -> str:
     return next(n for n, (sp, *_) in METHODS.items() if sp == sparsifier and n != "linear")
 
 
-@contextlib.contextmanager
 def _no_autocast(device: torch.device):
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+    """Autocast off for our call (mergekit's own executor already turns it off: then a no-op)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _build_classes():
