@@ -38,8 +38,7 @@ PYBIND11_MODULE(_cpu, m) {
       .def_readwrite("k1", &PlanDesc::k1)
       .def_readwrite("k2", &PlanDesc::k2)
       .def_readwrite("thr32", &PlanDesc::thr32)
-      .def_readwrite("mask", &PlanDesc::mask)
-      .def_readwrite("check_finite", &PlanDesc::check_finite);
+      .def_readwrite("mask", &PlanDesc::mask);
 
   py::class_<CombineDesc>(m, "CombineDesc", "How the M values are combined (see spec.CombineSpec)")
       .def(py::init<>())
@@ -65,11 +64,11 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("cols"), py::arg("density"), py::arg("epsilon"),
         py::arg("k1"), py::arg("k2"), py::arg("out"), py::arg("nthreads"));
   m.def("apply", &dppa::apply, nogil,
-        "apply(plans, base, base_dtype, combine, out, out_dtype, n, check_base, nthreads) -> [input index]: "
-        "the fused merge pass; returns the checked inputs (plans[i].check_finite, base = len(plans)) "
-        "holding a NaN/Inf",
+        "apply(plans, base, base_dtype, combine, out, out_dtype, n, check_finite, nthreads) -> nonfinite: "
+        "the fused merge pass; with check_finite, whether an fp32 result was NaN/Inf (a non-finite input, "
+        "or an fp32 overflow)",
         py::arg("plans"), py::arg("base"), py::arg("base_dtype"), py::arg("combine"), py::arg("out"),
-        py::arg("out_dtype"), py::arg("n"), py::arg("check_base"), py::arg("nthreads"));
+        py::arg("out_dtype"), py::arg("n"), py::arg("check_finite"), py::arg("nthreads"));
   m.def("abs_sums", &dppa::abs_sums, nogil, "abs_sums(plan, n, nthreads) -> [sum |x|, sum |f x|] (float64)",
         py::arg("plan"), py::arg("n"), py::arg("nthreads"));
 }

@@ -7,7 +7,6 @@
 
 #include <omp.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -196,23 +195,6 @@ struct Parts {
 // nthreads < 0: exactly -nthreads (bench_cpu.py --threads-sweep measures the rule with it).
 int resolve_threads(int nthreads, int64_t n);
 
-// Whether x[a, a + len) holds a NaN or an Inf (its own magnitude bits reach Inf's): a max
-// reduction that vectorises, run on data the caller's pass is reading anyway.
-template <int D>
-inline bool has_nonfinite(const void* x, int64_t a, int64_t len) {
-  if constexpr (D == kF32) {
-    const uint32_t* __restrict p = static_cast<const uint32_t*>(x) + a;
-    uint32_t m = 0;
-    for (int64_t i = 0; i < len; ++i) m = std::max(m, p[i] & 0x7FFFFFFFu);
-    return m >= nonfinite_key<D>();
-  } else {
-    const uint16_t* __restrict p = static_cast<const uint16_t*>(x) + a;
-    uint16_t m = 0;
-    for (int64_t i = 0; i < len; ++i) m = std::max<uint16_t>(m, p[i] & 0x7FFFu);
-    return m >= nonfinite_key<D>();
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Entry points (select.cpp, apply.cpp)
 
@@ -246,7 +228,6 @@ struct PlanDesc {
   uint64_t thr32 = 0;
   // mask
   uintptr_t mask = 0;  // bool/uint8 [n]
-  bool check_finite = false;  // report whether this model's delta holds a NaN/Inf
 };
 enum PlanKind : int { kDense = 0, kThresholds = 1, kDare = 2, kMask = 3 };
 enum TieMode : int { kExactK = 0, kGe = 1, kGt = 2 };
@@ -260,10 +241,10 @@ struct CombineDesc {
   double sum_divisor = 1.0;
 };
 
-// Returns the indices of the inputs asked to be checked (plans[i].check_finite; check_base: index
-// plans.size()) in which the pass saw a NaN/Inf.
-std::vector<int64_t> apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
-                           uintptr_t out, int out_dtype, int64_t n, bool check_base, int nthreads);
+// With check_finite, returns whether a fp32 result (before the cast) was NaN/Inf: the trace every
+// non-finite input leaves (apply.cpp). Without, returns false.
+bool apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
+           uintptr_t out, int out_dtype, int64_t n, bool check_finite, int nthreads);
 std::vector<double> abs_sums(const PlanDesc& plan, int64_t n, int nthreads);
 
 }  // namespace dppa

@@ -6,8 +6,9 @@ backend are contiguous, on the backend's device, of dtype bf16, fp16 or fp32.
 
 NaN/Inf: the inputs are not checked beforehand (a separate pass would cost more than the work it
 guards). Instead ``select`` and ``apply`` check them inside their own pass when asked
-(``check_finite``) and raise :class:`NonFiniteInput`; the ops turn that into the user's
-``ValueError``. Without the check, non-finite inputs give unspecified (but memory-safe) results.
+(``check_finite``) and raise :class:`NonFiniteInput`; the ops confirm the candidates with an
+explicit check, which words the user's ``ValueError``. Without the check, non-finite inputs give
+unspecified (but memory-safe) results.
 
 Primitives
 ----------
@@ -27,8 +28,11 @@ Primitives
     key_dtype); factor f_i from the plan (below); v_i = Δ_i[e] · f_i · plan.scale in fp32; then
     the combine of ``CombineSpec`` over w_i · v_i (sum, or TIES sign election + disjoint sum),
     divisor if ``normalize``, × λ, + base[e] (when base is given), one cast to ``out_dtype``.
-    ``check_finite``: indices of the inputs to check in the pass (i < M: deltas[i]; M: base);
-    raises NonFiniteInput(indices of those holding a NaN/Inf).
+    ``check_finite``: indices of the inputs to check in the pass (i < M: deltas[i]; M: base), the
+    others being known finite; raises NonFiniteInput(candidates) when it saw a NaN/Inf: the checked
+    inputs that may hold it. A backend may test each input as it loads it (exact candidates), or
+    the fp32 results, where every non-finite input leaves a NaN/Inf (NaN·0 and Inf·0 are NaN;
+    then every checked input is a candidate, and an fp32 overflow can also raise it).
 
 ``abs_sums(delta, plan) -> (Σ|Δ|, Σ|f·Δ|)`` (floats)
     For mergekit's L1 rescale; f as in apply, without plan.scale.
@@ -91,7 +95,7 @@ class ApplyPlan:
 class NonFiniteInput(Exception):
     """A backend pass saw a NaN/Inf (key) in the inputs it was asked to check.
 
-    ``inputs``: their indices (``select``: (0,); ``apply``: deltas 0..M-1, base M)."""
+    ``inputs``: the candidates' indices (``select``: (0,); ``apply``: deltas 0..M-1, base M)."""
 
     def __init__(self, inputs):
         self.inputs = tuple(int(i) for i in inputs)

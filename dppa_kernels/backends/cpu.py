@@ -140,11 +140,10 @@ class CpuBackend(Backend):
         shape, n = deltas[0].shape, deltas[0].numel()
         keep: list = []
         descs = []
-        for i, (delta, plan, w) in enumerate(zip(deltas, plans, weights)):
+        for delta, plan, w in zip(deltas, plans, weights):
             assert delta.numel() == n, f"deltas differ in size: {delta.numel()} vs {n}"
             d = self._desc(delta, plan, keep)
             d.weight = float(w)
-            d.check_finite = i in check_finite
             descs.append(d)
         c = self._m.CombineDesc()
         c.combine = COMBINES.index(combine.combine)
@@ -160,10 +159,10 @@ class CpuBackend(Backend):
             assert base.numel() == n, f"base has {base.numel()} elements, deltas {n}"
             base_ptr, base_code = base.data_ptr(), _code(base.dtype)
         out = torch.empty(shape, dtype=out_dtype)
-        flagged = self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n,
-                                len(deltas) in check_finite, _nthreads())
-        if flagged:
-            raise NonFiniteInput(flagged)
+        # a NaN/Inf result: some checked input is non-finite (the others are known finite), or fp32 overflowed
+        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, bool(check_finite),
+                         _nthreads()):
+            raise NonFiniteInput(check_finite)
         return out
 
     # ------------------------------------------------------------------ DELLA
