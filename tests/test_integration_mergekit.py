@@ -307,12 +307,12 @@ def test_gta_methods_keep_autograd_through_module_inputs(method):
 
 
 def test_gta_merge_group_runs_our_kernel_without_grad(monkeypatch):
-    """The autograd fallback is taken only when autograd records: plain tensors reach merge_deltas."""
+    """The autograd fallback is taken only when autograd records: plain tensors reach our kernels."""
     from mergekit.merge_methods import merge_state_dicts
 
     calls = []
-    real = dk.merge_deltas
-    monkeypatch.setattr(dk, "merge_deltas", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    real = dk.merge_prepared
+    monkeypatch.setattr(dk, "merge_prepared", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
     x = [{"w": torch.randn(8, 6, requires_grad=True)} for _ in range(3)]
     with dk.installed():
         with torch.no_grad():

@@ -34,7 +34,6 @@ PYBIND11_MODULE(_cpu, m) {
       .def_readwrite("budget", &PlanDesc::budget)
       .def_readwrite("c_eq", &PlanDesc::c_eq)
       .def_readwrite("factors", &PlanDesc::factors)
-      .def_readwrite("needs_rank", &PlanDesc::needs_rank)
       .def_readwrite("k1", &PlanDesc::k1)
       .def_readwrite("k2", &PlanDesc::k2)
       .def_readwrite("thr32", &PlanDesc::thr32)

@@ -222,7 +222,6 @@ struct PlanDesc {
   uintptr_t budget = 0;   // int64 [P, K] (exact_k)
   uintptr_t c_eq = 0;     // int64 [P, K] (exact_k)
   std::vector<double> factors;
-  bool needs_rank = false;
   // dare
   uint32_t k1 = 0, k2 = 0;
   uint64_t thr32 = 0;

@@ -36,6 +36,13 @@ def _code(dtype: torch.dtype) -> int:
     return _CODES[dtype]
 
 
+def _int64_cpu(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous int64 CPU tensor (itself when it already is one)."""
+    if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to(device="cpu", dtype=torch.int64).contiguous()
+    return t
+
+
 def _part_len(shape, n: int, partition: str, block_size) -> int:
     """Partition length L (the last partition may be shorter); partitions = ceil(n / L)."""
     if partition == "tensor":
@@ -75,12 +82,12 @@ class CpuBackend(Backend):
         n = x.numel()
         length = _part_len(tuple(x.shape), n, partition, block_size)
         parts = _parts(n, length) if n else (1 if partition == "tensor" else 0)
-        tau = torch.full((parts,), no_keep_key(kd), dtype=torch.int64)
-        above = torch.zeros(parts, dtype=torch.int64)
-        eq = torch.zeros(parts, dtype=torch.int64)
+        out = torch.zeros(3, parts, dtype=torch.int64)  # one allocation: small calls are common
+        tau, above, eq = out[0], out[1], out[2]
+        tau.fill_(no_keep_key(kd))
         if n == 0 or parts == 0:
             return tau, above, eq
-        k = k.to(device="cpu", dtype=torch.int64).contiguous()
+        k = _int64_cpu(k)
         assert k.numel() == parts, f"k has {k.numel()} entries for {parts} partitions"
         nonfinite = self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
                                    above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
@@ -115,11 +122,10 @@ class CpuBackend(Backend):
             d.K = levels
             d.factors = [float(f) for f in plan.factors]
             for field in ("tau_key", "budget", "c_eq") if plan.tie_mode == "exact_k" else ("tau_key",):
-                t = getattr(plan, field).to(device="cpu", dtype=torch.int64).contiguous()
+                t = _int64_cpu(getattr(plan, field))
                 assert t.numel() == parts * levels, f"plan.{field} has {t.numel()} entries, expected {parts}x{levels}"
                 keep.append(t)
                 setattr(d, "tau" if field == "tau_key" else field, t.data_ptr())
-            d.needs_rank = plan.needs_tie_rank()
         elif plan.kind == "dare":
             d.k1, d.k2, d.thr32 = int(plan.k1), int(plan.k2), int(plan.thr32)
         elif plan.kind == "mask":

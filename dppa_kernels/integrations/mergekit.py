@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Any, Optional
 
 import torch
 
 from ..methods import METHODS, preset
-from ..ops import merge_deltas
+from ..ops import merge_prepared
 from ._deps import records_grad, require
 from .mergekit_dppa import (DPPATable, active_table, call_table, dppa_spec_params, in_memory_call, in_memory_table,
                             prepare_dppa, set_dppa_table)
@@ -116,21 +117,20 @@ def _build_classes():
             sp = self.sparsification_method
             sparsifier = _SPARSIFIERS[None if sp is None else getattr(sp, "value", sp)]
             consensus = self.consensus_method
-            m = len(entries)
-            p = {"weight": [parameters["weight"][e.id] for e in entries],
-                 "density": [_density(parameters["density"][e.id], sparsifier) for e in entries],
+            p = {"weight": tuple(float(parameters["weight"][e.id]) for e in entries),
+                 "density": tuple(_density(parameters["density"][e.id], sparsifier) for e in entries),
                  "normalize": bool(parameters["normalize"]), "rescale": bool(parameters["rescale"]),
                  "lambda": float(parameters["lambda"])}
             for key in ("gamma", "epsilon"):
                 if key in parameters:
-                    p[key] = [float(parameters[key][e.id]) for e in entries]
+                    p[key] = tuple(float(parameters[key][e.id]) for e in entries)
             if sparsifier == "della":
                 _check_della(p["density"], p["epsilon"])
             if consensus is not None:
                 p["elect"] = "count" if getattr(consensus, "value", consensus) == "count" else "weighted_sum"
-            weights, specs, combine = preset(_preset_name(sparsifier), m, p)
-            combine = dataclasses.replace(combine, combine="ties" if consensus is not None else "sum")
-            return _merge(group, specs, weights, combine)
+            weights, specs, combine = _gta_plan(sparsifier, consensus is not None, len(entries),
+                                                tuple(sorted(p.items())))
+            return _merge(group, specs, weights, combine, grad=False)
 
     class DPPAMerge(mm.GroupMergeMethod):
         """DPPA (bands with per-unit DP densities from the pre-pass table) inside mergekit."""
@@ -179,6 +179,15 @@ def _build_classes():
     return _state["classes"]
 
 
+@functools.lru_cache(maxsize=1024)
+def _gta_plan(sparsifier: str, ties: bool, m: int, items: tuple):
+    """(weights, specs, combine) of a GTA method's parameters (``items``: sorted (key, value) pairs,
+    lists as tuples); cached, since a model's tensors mostly share their parameters."""
+    p = {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+    weights, specs, combine = preset(_preset_name(sparsifier), m, p)
+    return tuple(weights), tuple(specs), dataclasses.replace(combine, combine="ties" if ties else "sum")
+
+
 def _density(d: float, sparsifier: str) -> float:
     d = float(d)
     # mergekit: density >= 1 keeps everything and (magnitude) <= 0 keeps nothing
@@ -192,17 +201,19 @@ def _check_della(densities, epsilons) -> None:
                              f"got density={d}, epsilon={e}")
 
 
-def _merge(group, specs, weights, combine) -> torch.Tensor:
+def _merge(group, specs, weights, combine, grad: Optional[bool] = None) -> torch.Tensor:
+    """The merge on our kernels; ``grad`` (None: find out) sends it to the differentiable reference."""
     base = group.base.tensor
     # Δ in the working dtype, exactly as mergekit forms it (entries are already dtype-aligned)
     deltas = [e.tensor - base for e in group.non_base]
+    if grad is None:
+        grad = records_grad(e.tensor for e in group.entries)
     # the in-package reference is differentiable and takes float64: it serves what the kernels cannot
-    slow = records_grad(e.tensor for e in group.entries) or base.dtype not in _FAST_DTYPES
+    slow = grad or base.dtype not in _FAST_DTYPES
     with _no_autocast(base.device):
-        return merge_deltas(deltas, base, specs=specs, weights=weights, combine=combine,
-                            seed=int(_state["seed"]), name=group.metadata.name or "",
-                            out_dtype=base.dtype, check_finite=False,
-                            backend="reference" if slow else _state["backend"])
+        return merge_prepared(deltas, base, specs, weights, combine, seed=int(_state["seed"]),
+                              name=group.metadata.name or "", out_dtype=base.dtype,
+                              backend="reference" if slow else _state["backend"])
 
 
 def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> None:
