@@ -4,8 +4,8 @@ Realistic bf16 deltas Δ = bf16(base + N(0, σ)) − bf16(base), base ~ N(0, 0.0
 zeros included, never all-zero), shapes 4096×4096 and 4096×14336, density 0.2. Ours is the public
 API as called with default arguments (``dk.magnitude_threshold(x, 0.2)``, ``dk.prune(...)``,
 ``dk.merge_deltas(...)``: NaN/Inf checked, backend auto = the C++ CPU backend); each op also
-runs with ``check_finite=False``, whose row gives default / unchecked as its ``speedup`` (the cost
-of the check). For each op: median (p20/p80) wall time over ≥ 5 runs, elements/s, elements/s per
+runs with ``check_finite=False`` (alternating with the default call), whose row gives default /
+unchecked as its ``speedup`` (the cost of the check). For each op: median (p20/p80) wall time over ≥ 5 runs, elements/s, elements/s per
 core, and speedup of our default call over each baseline (baseline ms / our ms). Slow baselines run
 3 times; the sort-based reference is skipped where projected beyond 60 s (the row says so).
 
@@ -131,18 +131,19 @@ class Recorder:
                               density=self.density, threads=threads, load1=self.load, note=note, **vals))
 
     def add(self, op, provider, res, threads=None, note="", ours=False, vs=None):
-        """``vs``: the speedup is res / vs instead of (baseline / our default call)."""
+        """``vs``: the speedup column is vs / res (another of our calls against this one) instead of
+        baseline / our default call."""
         threads = threads or self.nt
         ms, p20, p80, reps = res
         eps = self.n / (ms / 1e3)
         if ours:
             self.ours.setdefault(op, ms)
         ref_ms = self.ours.get(op)
-        speedup = ms / vs if vs else (1.0 if ours else (ms / ref_ms if ref_ms else float("nan")))
+        speedup = vs / ms if vs else (1.0 if ours else (ms / ref_ms if ref_ms else float("nan")))
         self._row(op, provider, threads, note, ms=round(ms, 3), p20_ms=round(p20, 3), p80_ms=round(p80, 3),
                   reps=reps, elem_per_s=f"{eps:.4g}", elem_per_s_per_core=f"{eps / threads:.4g}",
                   speedup=round(speedup, 3))
-        tail = "" if ours and not vs else f"{speedup:8.3f}x" + (" of ours" if vs else " slower than ours")
+        tail = "" if ours and not vs else f"{speedup:8.3f}x" + (" (default / this)" if vs else " slower than ours")
         print(f"  {op:<18} {provider:<34} {ms:10.3f} ms (p20 {p20:.3f}, p80 {p80:.3f})  {eps / 1e9:7.3f} G/s"
               f"  {tail} {note}", flush=True)
 
@@ -162,10 +163,11 @@ def mergekit_sparsify():
 
 
 def ours(rec, op, call, reps, note=""):
-    """Our default call, then the same with check_finite=False (speedup column: default / unchecked)."""
-    res = timeit(lambda: call(True), reps)
-    rec.add(op, "dppa (default call)", res, ours=True, note=note)
-    rec.add(op, "dppa (check_finite=False)", timeit(lambda: call(False), reps), vs=res[0],
+    """Our default call and the same with check_finite=False, runs alternating (the unchecked
+    row's speedup column is default / unchecked: the cost of the NaN/Inf check)."""
+    default, unchecked = interleaved([lambda: call(True), lambda: call(False)], reps)
+    rec.add(op, "dppa (default call)", default, ours=True, note=note)
+    rec.add(op, "dppa (check_finite=False)", unchecked, vs=default[0],
             note="speedup = default / unchecked: the cost of the NaN/Inf check")
 
 
