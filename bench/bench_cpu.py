@@ -108,10 +108,13 @@ def timeit(fn, reps: int, slow_s: float = 10.0):
     return quantiles(ts)
 
 
-def interleaved(fns, reps: int):
-    """quantiles() of each function, runs alternating between them (fair under drifting load)."""
+def interleaved(fns, reps: int, budget_s: float = 20.0):
+    """quantiles() of each function, runs alternating between them (fair under drifting load);
+    fewer rounds (5 at least) when ``reps`` rounds would take longer than ``budget_s``."""
+    t0 = time.perf_counter()
     for fn in fns:
         fn()
+    reps = max(5, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-9))))
     ts = [[] for _ in fns]
     for _ in range(reps):
         for t, fn in zip(ts, fns):
