@@ -47,7 +47,7 @@ from dppa_kernels import reference as R  # noqa: E402
 from dppa_kernels.backends import cpu as cpu_backend  # noqa: E402
 from dppa_kernels.backends.cpu import CpuBackend  # noqa: E402
 from dppa_kernels.methods import preset  # noqa: E402
-from dppa_kernels.ops import make_plan  # noqa: E402
+from dppa_kernels.plans import make_plan  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "cpu_bench.csv"
 FIELDS = ["date", "git_commit", "cpu_model", "torch", "threads", "load1", "op", "provider", "dtype", "shape",
