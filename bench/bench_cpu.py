@@ -109,15 +109,16 @@ def timeit(fn, reps: int, slow_s: float = 10.0):
 
 
 def interleaved(fns, reps: int, budget_s: float = 20.0):
-    """quantiles() of each function, runs alternating between them (fair under drifting load);
-    fewer rounds (5 at least) when ``reps`` rounds would take longer than ``budget_s``."""
+    """quantiles() of each function, runs alternating between them and the order reversed every
+    other round (fair under drifting load, and to whichever runs after the other); fewer rounds (5
+    at least) when ``reps`` rounds would take longer than ``budget_s``."""
     t0 = time.perf_counter()
     for fn in fns:
         fn()
     reps = max(5, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-9))))
     ts = [[] for _ in fns]
-    for _ in range(reps):
-        for t, fn in zip(ts, fns):
+    for r in range(reps):
+        for t, fn in (zip(ts, fns) if r % 2 == 0 else reversed(list(zip(ts, fns)))):
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
