@@ -55,7 +55,7 @@ FIELDS = ["date", "git_commit", "cpu_model", "torch", "threads", "load1", "op", 
 DENSITY, EPSILON, SLOW_LIMIT_S = 0.2, 0.15, 60.0
 SMALL_SHAPES = ((48, 32), (128, 128), (256, 256), (512, 512), (1024, 1024))
 SMALL_METHODS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
-                 "della": {"density": 0.5, "epsilon": 0.1}}
+                 "breadcrumbs": {"density": 0.5, "gamma": 0.01}, "della": {"density": 0.5, "epsilon": 0.1}}
 
 
 def cpu_model() -> str:
@@ -272,6 +272,14 @@ def run_small(reps, nt):
     return rows
 
 
+def _on_threads(t: int, fn):
+    """fn run on exactly t threads of the CPU extension (no size rule)."""
+    def run():
+        cpu_backend._nthreads = lambda: -t
+        return fn()
+    return run
+
+
 def threads_sweep(reps):
     """The size rule of the CPU extension: exactly 1 vs all threads around SERIAL_BELOW."""
     be, nt = CpuBackend(), torch.get_num_threads()
@@ -287,13 +295,11 @@ def threads_sweep(reps):
         plans = [make_plan(be, d, s, seed=0, name="", stream=i) for i, (d, s) in enumerate(zip(ds, specs))]
         k = torch.tensor([n // 2])
         rec = Recorder((n,), nt, density=0.5)
-        for t in (1, nt):
-            cpu_backend._nthreads = lambda t=t: -t  # exactly t threads: no size rule
-            rec.add("sweep_apply_ties2", f"dppa-cpu ({t} threads)",
-                    timeit(lambda: be.apply(ds, base, plans, w, comb, torch.bfloat16), reps), threads=t,
-                    note=f"SERIAL_BELOW {limit}")
-            rec.add("sweep_select", f"dppa-cpu ({t} threads)",
-                    timeit(lambda: be.select(ds[0], k, "tensor", None, None), reps), threads=t)
+        for op, fn in (("sweep_apply_ties2", lambda: be.apply(ds, base, plans, w, comb, torch.bfloat16)),
+                       ("sweep_select", lambda: be.select(ds[0], k, "tensor", None, None))):
+            one, many = interleaved([_on_threads(1, fn), _on_threads(nt, fn)], reps)
+            rec.add(op, "dppa-cpu (1 thread)", one, threads=1, ours=True, note=f"SERIAL_BELOW {limit}")
+            rec.add(op, f"dppa-cpu ({nt} threads)", many, note="speedup = this / 1 thread")
         cpu_backend._nthreads = torch.get_num_threads
         rows += rec.rows
     return rows
@@ -321,7 +327,7 @@ def main(argv=None):
         rows = threads_sweep(max(args.reps, 50))
     else:
         rows, projections = [], {}
-        for s in args.shapes.split(","):
+        for s in filter(None, args.shapes.split(",")):  # --shapes "": the small merges only
             rows += run_shape(tuple(int(v) for v in s.lower().split("x")), args.reps, nt, projections)
         if not args.no_small:
             rows += run_small(args.small_reps, nt)
