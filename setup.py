@@ -210,6 +210,8 @@ setup(
         "pat": ["transformers>=4.45"],
         # FusionBench pins nothing we pin (torch, transformers, peft): it adds hydra, lightning, tensorboard
         "fusion_bench": ["fusion-bench==0.2.33"],
+        "eval": ["transformers>=4.45", "lm-eval>=0.4.13"],
+        "quality": ["transformers>=4.45", "matplotlib"],
         "test": ["pytest", "hypothesis", "pybind11"],
     },
     entry_points={

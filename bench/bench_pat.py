@@ -10,7 +10,7 @@ d′ is rounded to a multiple of --multiple-of (16 = heads: transformers' LlamaC
 hidden_size % num_attention_heads == 0).
 
 Part 2 (CUDA only, skipped with a message otherwise): HSM forward and forward+backward, Triton
-fused vs torch reference, bf16 activations, fp32 parameters (PAT.md §6: N = 8·256, d = 4096,
+fused vs torch reference, bf16 activations, fp32 parameters (N = 8·256, d = 4096,
 r = 200).
 
 Rows are appended to bench/results/pat_cpu.csv (part 1 on CPU), pat_gpu.csv (part 1 on GPU) and

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .backends.base import NonFiniteInput, nonfinite_key
 
 from .reference.threshold import COUNT_RULES, PARTITIONS, TIE_MODES
 from .spec import COMBINES, DIVISORS, ELECTS, SPARSIFY_METHODS, CombineSpec, SparsifySpec
@@ -27,6 +29,28 @@ def check_finite(x: torch.Tensor, argname: str) -> None:
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{argname} contains {bad} NaN/Inf value(s); clean the input or pass check_finite=False")
+
+
+def checked_pass(run: Callable[[bool], Any], x: torch.Tensor, argname: Optional[str]):
+    """``run(check)`` a select pass that reports non-finite keys of ``x`` (``argname``: check it;
+    None: do not). A report becomes the ValueError of :func:`check_finite`; when that finds x
+    finite (only possible when a finite value overflows a narrower key dtype) the pass reruns
+    without the check."""
+    if argname is None:
+        return run(False)
+    try:
+        return run(True)
+    except NonFiniteInput:
+        check_finite(x, argname)
+        return run(False)
+
+
+def histogram_checked(be, x: torch.Tensor, kd: torch.dtype, argname: Optional[str]) -> torch.Tensor:
+    """The 15-bit key histogram; with ``argname``, its bins of NaN/Inf keys must be empty."""
+    hist = be.histogram(x, kd)
+    if argname is not None and bool(hist[nonfinite_key(kd):].any()):
+        check_finite(x, argname)  # raises, unless a finite value only overflowed the key dtype
+    return hist
 
 
 def check_density(d, argname: str = "density") -> float:

@@ -9,9 +9,11 @@ from typing import Optional
 import typer
 
 from ._exit import exit_now, unexpected
+from .pat.cli import app as pat_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fast pruning and merging of LLM deltas (DPPA, TIES, DARE, DELLA, breadcrumbs).")
+app.add_typer(pat_app, name="pat")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTB]i?B?|[KMGTB])?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12,

@@ -4,6 +4,11 @@ Every function takes ``backend="auto" | "reference" | "torch" | "cpu" | "triton"
 ``reference`` runs the pure-torch definitions in :mod:`dppa_kernels.reference`; the others run
 the same semantics through the primitives of :mod:`dppa_kernels.backends.base`.
 Inputs are never modified.
+
+``check_finite=True`` (the default) refuses NaN/Inf inputs with a ValueError naming the tensor.
+On the fast backends the check costs (almost) nothing: the select / histogram pass that reads a
+tensor anyway reports non-finite keys, and the fused apply pass checks the inputs no select read
+(the base, and deltas of methods without a threshold). The reference checks explicitly.
 """
 
 from __future__ import annotations
@@ -14,130 +19,26 @@ import torch
 
 from . import _validate as V
 from . import reference as R
-from .backends.base import ApplyPlan
+from .backends.base import NonFiniteInput
 from .backends.registry import get_backend, resolve
 from .methods import preset
-from .reference import rng
-from .reference.sparsify import L1_EPS, band_factors, breadcrumbs_window
+from .plans import _partition_lengths, keep_counts, make_plan  # noqa: F401  (part of this module's API)
 from .spec import CombineSpec, SparsifySpec
 
 PRUNE_METHODS = ("magnitude", "dare", "della", "breadcrumbs", "bands")
-
-
-def _partition_lengths(x: torch.Tensor, partition: str, block_size: Optional[int]) -> torch.Tensor:
-    n = x.numel()
-    if partition == "tensor":
-        return torch.tensor([n], dtype=torch.int64)
-    if partition == "row":
-        cols = x.shape[-1] if x.dim() else 1
-        return torch.full((n // cols if cols else 0,), cols, dtype=torch.int64)
-    full, rest = divmod(n, block_size)
-    lengths = torch.full((full,), block_size, dtype=torch.int64)
-    return torch.cat([lengths, torch.tensor([rest], dtype=torch.int64)]) if rest else lengths
-
-
-def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch.Tensor:
-    """Vectorised :func:`reference.keep_count` (same float64 arithmetic)."""
-    n = lengths.to(torch.float64)
-    if density >= 1.0:
-        return lengths.clone()
-    if density <= 0.0:
-        return torch.zeros_like(lengths)
-    if count_rule == "floor":
-        k = torch.floor(density * n)
-    elif count_rule == "min1":
-        k = torch.clamp(torch.floor(density * n), min=1.0)
-    else:  # dppa
-        k = n - torch.floor(n * (1.0 - density))
-    return torch.where(lengths > 0, k.to(torch.int64), torch.zeros_like(lengths))
-
-
-def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor]):
-    """tau, c_above, c_eq as [P, K] for K keep-count vectors (one select per level)."""
-    kd = spec.key_dtype or x.dtype
-    if (len(ks) > 1 and spec.partition == "tensor" and kd in (torch.bfloat16, torch.float16)):
-        hist = be.histogram(x, kd)  # one pass gives every level (DPPA.md §5)
-        rows = [R.threshold_from_hist(hist, int(k[0]), kd) for k in ks]
-        t = torch.tensor(rows, dtype=torch.int64)  # [K, 3]
-        return t[:, 0].unsqueeze(0), t[:, 1].unsqueeze(0), t[:, 2].unsqueeze(0)
-    res = [be.select(x, k, spec.partition, spec.block_size, spec.key_dtype) for k in ks]
-    return tuple(torch.stack([r[i] for r in res], dim=1) for i in range(3))
-
-
-def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode) -> ApplyPlan:
-    tau, above, eq = _select_levels(be, x, spec, ks)
-    k = torch.stack([kk for kk in ks], dim=1)
-    budget = (k - above).clamp(min=0)
-    return ApplyPlan(kind="thresholds", partition=spec.partition, block_size=spec.block_size,
-                     key_dtype=spec.key_dtype, tie_mode=tie_mode, tau_key=tau, budget=budget, c_eq=eq,
-                     factors=tuple(float(f) for f in factors))
-
-
-def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int) -> ApplyPlan:
-    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived)."""
-    m = spec.method
-    lengths = _partition_lengths(delta, spec.partition, spec.block_size)
-    if m == "none":
-        plan = ApplyPlan("dense")
-    elif m == "magnitude":
-        if spec.density >= 1.0 and not spec.density1_prunes_min:
-            plan = ApplyPlan("dense")
-        else:
-            k = lengths.clone() if spec.density >= 1.0 else keep_counts(lengths, spec.density, spec.count_rule)
-            plan = _threshold_plan(be, delta, spec, [k], (1.0,), spec.tie_mode)
-    elif m == "bands":
-        ks = [keep_counts(lengths, d, spec.count_rule) for d in spec.densities]
-        plan = _threshold_plan(be, delta, spec, ks, band_factors(spec.alphas, spec.band_combine), spec.tie_mode)
-    elif m == "breadcrumbs":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            n_top, target = breadcrumbs_window(delta.numel(), spec.density, spec.gamma)
-            s = spec.with_(partition="tensor", count_rule="floor")
-            ks = [torch.tensor([n_top]), torch.tensor([n_top + target])]
-            plan = _threshold_plan(be, delta, s, ks, (0.0, 1.0), "exact_k")
-    elif m == "dare":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            k1, k2 = rng.stream_keys(seed, name, stream)
-            plan = ApplyPlan("dare", k1=k1, k2=k2, thr32=rng.threshold32(spec.density))
-    elif m == "della":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            k1, k2 = rng.stream_keys(seed, name, stream)
-            if getattr(be, "della_mask", None) is not None and spec.density > 0:
-                mask = be.della_mask(delta, spec.density, spec.epsilon, k1, k2)
-            else:
-                mask = R.sparsify_factor(delta, spec, seed=seed, name=name, stream=stream) > 0
-            plan = ApplyPlan("mask", mask=mask)
-    else:
-        raise ValueError(f"unknown sparsification method {m!r}")
-    plan.scale = _rescale(be, delta, spec, plan)
-    return plan
-
-
-def _rescale(be, delta, spec: SparsifySpec, plan: ApplyPlan) -> float:
-    if spec.rescale == "none" or plan.kind == "dense":
-        return 1.0
-    if spec.rescale == "inv_density":
-        return 1.0 / spec.density if 0.0 < spec.density < 1.0 else 1.0
-    before, after = be.abs_sums(delta, plan)
-    return 1.0 if (before < L1_EPS or after < L1_EPS) else before / after
-
-
-def _prepare(tensors: Sequence[torch.Tensor], argname: str, check_finite: bool, backend: str):
-    for i, t in enumerate(tensors):
-        V.check_tensor(t, f"{argname}[{i}]" if len(tensors) > 1 or argname.endswith("s") else argname)
+def _prepare(tensors: Sequence[torch.Tensor], names: Sequence[str], check_finite: bool, backend: str):
+    """The backend name; float64 only on the reference, which checks NaN/Inf here (the fast backends
+    check inside their passes)."""
+    for t, n in zip(tensors, names):
+        V.check_tensor(t, n)
     name = resolve(backend, tensors[0].device)
     if name != "reference":
-        for i, t in enumerate(tensors):
+        for t, n in zip(tensors, names):
             if t.dtype == torch.float64:
-                raise TypeError(f"{argname} is float64: only backend='reference' accepts float64")
-    if check_finite:
-        for i, t in enumerate(tensors):
-            V.check_finite(t, f"{argname}[{i}]" if len(tensors) > 1 else argname)
+                raise TypeError(f"{n} is float64: only backend='reference' accepts float64")
+    elif check_finite:
+        for t, n in zip(tensors, names):
+            V.check_finite(t, n)
     return name
 
 
@@ -163,14 +64,16 @@ def magnitude_threshold(
     spec = SparsifySpec("magnitude", density=density, partition=partition, block_size=block_size,
                         count_rule=count_rule, key_dtype=key_dtype)
     V.check_sparsify_spec(spec, "arguments")
-    name = _prepare([x], "x", check_finite, backend)
+    name = _prepare([x], ["x"], check_finite, backend)
     kd = key_dtype or x.dtype
     if name == "reference" or x.numel() == 0:
         res = R.magnitude_threshold_ref(x, density, partition=partition, block_size=block_size,
                                         count_rule=count_rule, key_dtype=key_dtype)
     else:
         k = keep_counts(_partition_lengths(x, partition, block_size), density, count_rule)
-        tau, above, eq = get_backend(name).select(x.contiguous(), k, partition, block_size, key_dtype)
+        be, xc = get_backend(name), x.contiguous()
+        tau, above, eq = V.checked_pass(lambda c: be.select(xc, k, partition, block_size, key_dtype, check_finite=c),
+                                  x, "x" if check_finite else None)
         res = {"tau_key": tau, "c_above": above, "c_eq": eq, "k": k, "tau": R.key_to_value(tau, kd)}
     if return_counts:
         return res
@@ -227,21 +130,36 @@ def prune(
     spec = sparsify_spec(method, density=density, tie_mode=tie_mode, **method_params)
     seed = 0 if seed is None else seed
     name = name or ""
-    be_name = _prepare([x], "x", check_finite, backend)
+    be_name = _prepare([x], ["x"], check_finite, backend)
     if be_name == "reference":
         return R.sparsify_ref(x, spec, seed=seed, name=name).to(x.dtype)
-    return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype)
+    return _apply_one(be_name, [x], None, [spec], [1.0], CombineSpec(), seed, name, x.dtype,
+                      names=["x"] if check_finite else None)
 
 
-def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out=None):
+def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out=None, names=None):
+    """Plans, then the fused pass. ``names``: the inputs' names (deltas, then base) to check for
+    NaN/Inf, each in the first pass that reads it; None: no check."""
     if deltas[0].numel() == 0:  # nothing to select or apply; backends need not handle it
         return torch.empty(deltas[0].shape, dtype=out_dtype, device=deltas[0].device)
     be = get_backend(be_name)
     deltas = [d.contiguous() for d in deltas]
-    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
+    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i, check_as=names[i] if names else None)
+             for i, (d, s) in enumerate(zip(deltas, specs))]
     if plans_out is not None:
         plans_out.extend(plans)
-    return be.apply(deltas, None if base is None else base.contiguous(), plans, weights, combine, out_dtype)
+    base = None if base is None else base.contiguous()
+    check = [i for i, p in enumerate(plans) if not p.finite_checked] + ([len(deltas)] if base is not None else [])
+    run = lambda c: be.apply(deltas, base, plans, weights, combine, out_dtype, check_finite=c)  # noqa: E731
+    if not names:
+        return run(())
+    try:
+        return run(tuple(check))
+    except NonFiniteInput as exc:
+        inputs = deltas + [base]
+        for i in exc.inputs:
+            V.check_finite(inputs[i], names[i])  # raises for the first candidate that holds one
+    return run(())  # none did: a finite value overflowed fp32 in the merge
 
 
 def merge_deltas(
@@ -298,22 +216,38 @@ def merge_deltas(
     for i, s in enumerate(specs):
         V.check_sparsify_spec(s, f"specs[{i}]")
     V.check_combine_spec(combine)
-    be_name = _prepare(list(deltas) + ([base] if base is not None else []), "deltas", check_finite, backend)
+    names = [f"deltas[{i}]" for i in range(len(deltas))] + ["base"]
+    be_name = _prepare(list(deltas) + ([base] if base is not None else []), names, check_finite, backend)
     out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
     if be_name == "reference":
         return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
-    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out)
+    return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out,
+                      names=names if check_finite else None)
+
+
+def merge_prepared(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], specs: Sequence[SparsifySpec],
+                   weights: Sequence[float], combine: CombineSpec, *, seed: int = 0, name: str = "",
+                   out_dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
+    """:func:`merge_deltas` for callers that built ``specs`` / ``combine`` with ``methods.preset``
+    from validated values (the integrations, once per tensor of a model): only the tensors'
+    shape, dtype and device agreement is checked, and NaN/Inf is not. The semantics are
+    merge_deltas'; per-call overhead matters on small tensors."""
+    V.check_same(list(deltas) + ([base] if base is not None else []), "deltas")
+    be_name = resolve(backend, deltas[0].device)
+    if be_name == "reference":
+        return R.merge_ref(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype)
+    return _apply_one(be_name, list(deltas), base, specs, weights, combine, seed, name, out_dtype)
 
 
 def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,
                      backend: str = "auto") -> torch.Tensor:
     """32768-bin histogram (int64, CPU) of the magnitude key of x rounded to ``stats_dtype``."""
-    be_name = _prepare([x], "x", check_finite, backend)
+    be_name = _prepare([x], ["x"], check_finite, backend)
     if stats_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stats_dtype must be torch.bfloat16 or torch.float16, got {stats_dtype}")
     if be_name == "reference":
         return R.histogram_ref(x, stats_dtype)
-    return get_backend(be_name).histogram(x.contiguous(), stats_dtype)
+    return V.histogram_checked(get_backend(be_name), x.contiguous(), stats_dtype, "x" if check_finite else None)
 
 
 def dp_densities(

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import hash_bits, interpreting, key_mode, magnitude_key, next_pow2
+from .common import hash_bits, interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 HDR = tl.constexpr(8)  # int64 header of a model's metadata: L, P, C, k1, k2, thr32, -, -
 KIND = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
@@ -94,11 +94,19 @@ def _sign(v):
 
 
 @triton.jit
-def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, n,
+def _count_nonfinite(x, ok, NF_ptr):
+    """Add the number of NaN/Inf among the tile's valid elements to NF[0] (one atomic, if any)."""
+    bad = tl.sum((ok & nonfinite(x)).to(tl.int32), 0)
+    tl.atomic_add(NF_ptr, bad, mask=bad > 0, sem="relaxed")
+
+
+@triton.jit
+def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, NF_ptr, n,
                   M: tl.constexpr, KINDS: tl.constexpr, KEY_MODES: tl.constexpr, NLEVS: tl.constexpr,
                   RANKEDS: tl.constexpr, PARTS: tl.constexpr, KMAX: tl.constexpr, COMBINE: tl.constexpr,
                   ELECT: tl.constexpr, DIVISOR: tl.constexpr, NORMALIZE: tl.constexpr, HAS_BASE: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  CHECKS: tl.constexpr, BLOCK: tl.constexpr):
+    """CHECKS[i] (i < M: delta i, M: the base): count that input's NaN/Inf into NF[i]."""
     chunk = tl.program_id(0).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -108,6 +116,8 @@ def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, n,
     for i in tl.static_range(M):
         fbase = 2 + i * (2 + KMAX)
         x = tl.load(Ds[i] + offs, mask=ok, other=0)
+        if CHECKS[i]:
+            _count_nonfinite(x, ok, NF_ptr + i)
         f = _model_factor(x, offs, ok, chunk, METAS[i], RANKS[i], MASKS[i], FP, fbase,
                           KINDS[i], KEY_MODES[i], NLEVS[i], RANKEDS[i], PARTS[i])
         vals = vals + (x.to(tl.float32) * f * tl.load(FP + fbase + 1),)
@@ -151,7 +161,10 @@ def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, n,
         mixed = mixed / div
     mixed = mixed * lam
     if HAS_BASE:
-        mixed = tl.load(B_ptr + offs, mask=ok, other=0).to(tl.float32) + mixed
+        b = tl.load(B_ptr + offs, mask=ok, other=0)
+        if CHECKS[M]:
+            _count_nonfinite(b, ok, NF_ptr + M)
+        mixed = b.to(tl.float32) + mixed
     tl.store(O_ptr + offs, mixed.to(O_ptr.dtype.element_ty), mask=ok)
 
 
@@ -277,18 +290,21 @@ def _prepare(deltas, plans, block):
 
 
 def apply(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], plans, weights, combine,
-          out_dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+          out_dtype: torch.dtype, out: Optional[torch.Tensor] = None, check_finite: Sequence[int] = ()):
     """Fused sparsify + combine + base add + cast (``backends.base`` ``apply``).
 
     ``out``: optional contiguous destination of Δ's shape and ``out_dtype`` (tests pass a view of a
-    sentinel-filled buffer to catch out-of-bounds stores).
+    sentinel-filled buffer to catch out-of-bounds stores). ``check_finite``: input indices (deltas,
+    then the base) whose NaN/Inf the pass counts; returns (out, int64 CPU counts of length M + 1)
+    then, else just out.
     """
     shape, dev = deltas[0].shape, deltas[0].device
     n = deltas[0].numel()
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=dev)
+    checks = tuple(i in check_finite for i in range(len(deltas) + 1))
     if n == 0:
-        return out
+        return (out, torch.zeros(len(checks), dtype=torch.int64)) if check_finite else out
     block = _block(n)
     models, metas, ranks = _prepare(deltas, plans, block)
     kmax = max(m.nlev for m in models)
@@ -304,15 +320,18 @@ def apply(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], plans, w
     for wi, p, m in zip(w, plans, models):
         fp += [wi, float(p.scale)] + (m.factors + [0.0] * kmax)[:kmax]
     fp_t = torch.tensor(fp, dtype=torch.float32).to(dev)
+    nf = torch.zeros(len(checks), dtype=torch.int32, device=dev)
     _apply_kernel[(-(-n // block),)](
         tuple(deltas), tuple(m.mask for m in models), tuple(metas), tuple(ranks), fp_t,
-        out if base is None else base, out, n,
+        out if base is None else base, out, nf, n,
         M=len(deltas), KINDS=tuple(m.kind for m in models), KEY_MODES=tuple(m.key_mode for m in models),
         NLEVS=tuple(m.nlev for m in models), RANKEDS=tuple(m.ranked for m in models),
         PARTS=tuple(m.part for m in models), KMAX=kmax, COMBINE=int(combine.combine == "ties"),
         ELECT=ELECT[combine.elect], DIVISOR=DIVISOR[combine.divisor], NORMALIZE=bool(combine.normalize),
-        HAS_BASE=base is not None, BLOCK=block, num_warps=8)
-    return out
+        HAS_BASE=base is not None, CHECKS=checks if base is not None else checks[:-1] + (False,), BLOCK=block,
+        num_warps=8)
+    # the counts are read only when asked for: an unchecked call stays free of host synchronisation
+    return (out, nf.to(torch.int64).cpu()) if check_finite else out
 
 
 def abs_sums(delta: torch.Tensor, plan) -> tuple[float, float]:

@@ -53,11 +53,19 @@ def magnitude_key(x, KEY_MODE: tl.constexpr):
         k = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     elif KEY_MODE == 2:
         u = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        # RNE to the upper 16 bits; no int32 overflow for finite u (<= 0x7F800000 + 0xFFFF)
+        # a NaN becomes the quiet NaN torch rounds it to (key 0x7FC0), so no u overflows int32 below
+        u = tl.where(u > 0x7F800000, 0x7FC00000, u)
+        # RNE to the upper 16 bits; no int32 overflow for u <= 0x7F800000 (+ 0xFFFF)
         k = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     else:
         k = x.to(tl.float32).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
     return k
+
+
+@triton.jit
+def nonfinite(x):
+    """int1: x (a loaded tile, any float dtype) is NaN or ±Inf (NaN fails every comparison)."""
+    return ~(tl.abs(x.to(tl.float32)) <= 3.4028234663852886e38)
 
 
 @triton.jit

@@ -26,10 +26,11 @@ def _cases():
     from . import select as S
 
     sel = {"X_ptr": None, "n": "i64", "part_len": "i64", "n_parts": "i32", "chunk": "i64", "LO_ptr": "*i64",
-           "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "HIST_ptr": "*i64"}
+           "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "HIST_ptr": "*i64", "NF_ptr": "*i64"}
     for xt, mode in (("*bf16", 0), ("*fp32", 1), ("*fp32", 2), ("*bf16", 3)):
-        for rows, block in ((1, 2048), (8, 256)):
-            yield S._window_count_kernel, dict(sel, X_ptr=xt), dict(KEY_MODE=mode, ROWS=rows, BLOCK=block, NBINS=S.NB)
+        for rows, block, check in ((1, 2048, True), (8, 256, False)):
+            yield S._window_count_kernel, dict(sel, X_ptr=xt), dict(KEY_MODE=mode, ROWS=rows, BLOCK=block, NBINS=S.NB,
+                                                                    CHECK=check)
     yield (S._window_update_kernel,
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
@@ -45,10 +46,11 @@ def _cases():
     for dts, kinds, modes, nlevs, ranked, parts, comb, out, has_base in configs:
         m = len(dts)
         sig = {"Ds": dts, "MASKS": ("*u8",) * m, "METAS": ("*i64",) * m, "RANKS": ("*i64",) * m, "FP": "*fp32",
-               "B_ptr": out, "O_ptr": out, "n": "i64"}
+               "B_ptr": out, "O_ptr": out, "NF_ptr": "*i32", "n": "i64"}
+        checks = tuple(i % 2 == 1 or (i == m and has_base) for i in range(m + 1))  # some deltas and the base
         yield A._apply_kernel, sig, dict(M=m, KINDS=kinds, KEY_MODES=modes, NLEVS=nlevs, RANKEDS=ranked, PARTS=parts,
                                          KMAX=max(nlevs), COMBINE=comb, ELECT=comb, DIVISOR=0, NORMALIZE=True,
-                                         HAS_BASE=has_base, BLOCK=2048)
+                                         HAS_BASE=has_base, CHECKS=checks, BLOCK=2048)
     yield (A._abs_sums_kernel, {"D_ptr": "*bf16", "MASK": "*u8", "META": "*i64", "RANK": "*i64", "FP": "*fp32",
                                 "OUT": "*fp64", "n": "i64"},
            dict(KIND=1, KEY_MODE=0, NLEV=2, RANKED=2, PART=1, BLOCK=2048))

@@ -19,7 +19,7 @@ the GEMMs' own reads: forward reads y and res and writes out (2e, +e with a resi
 of y by the u GEMM; saved for backward: y (shared with autograd) and u (N×r, r ≪ d), no z.
 Backward: the fused pass reads dout and y and writes gz (3e); the GEMMs then read gz three times
 (du, dL1, the addmm) and y once (dL0), and write dy (e). The eager reference needs ≈ 5 passes
-forward and ≈ 10 backward over [N, d] (PAT.md §9).
+forward and ≈ 10 backward over [N, d].
 
 Numerics: every tile is upcast to fp32 right after ``tl.load`` (required by the interpreter, and the
 epilogue math is fp32 on GPU too); the L1 product accumulates in fp32. With bf16/fp16 activations on

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting, key_mode, magnitude_key, next_pow2
+from .common import interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 NB = 64  # bins per count pass
 LOG_NB = 6
@@ -38,8 +38,12 @@ SAMPLE_MIN_N = 1 << 20  # below this a sample does not pay for itself
 
 @triton.jit
 def _window_count_kernel(X_ptr, n, part_len, n_parts, chunk, LO_ptr, SHIFT_ptr, DONE_ptr, ABOVE_ptr, HIST_ptr,
-                         KEY_MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr):
-    """Count pass. Program (g, s) covers partitions g·ROWS … +ROWS, columns [s·chunk, (s+1)·chunk)."""
+                         NF_ptr, KEY_MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                         NBINS: tl.constexpr, CHECK: tl.constexpr):
+    """Count pass. Program (g, s) covers partitions g·ROWS … +ROWS, columns [s·chunk, (s+1)·chunk).
+
+    CHECK (the first pass of a checked select): also read the finished rows (k = 0) and add the
+    number of NaN/Inf elements seen to NF[0]."""
     g = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
     rows = g * ROWS + tl.arange(0, ROWS)
@@ -48,19 +52,27 @@ def _window_count_kernel(X_ptr, n, part_len, n_parts, chunk, LO_ptr, SHIFT_ptr, 
     lo = tl.load(LO_ptr + rows, mask=row_ok, other=0)
     shift = tl.load(SHIFT_ptr + rows, mask=row_ok, other=0)
     active = row_ok & (done == 0)
+    if CHECK:
+        read = row_ok
+    else:
+        read = active
     start = s * chunk
     end = tl.minimum(start + chunk, part_len)
     # every row finished: skip the loop (no loads at all)
-    end = tl.where(tl.max(active.to(tl.int32), 0) > 0, end, start)
+    end = tl.where(tl.max(read.to(tl.int32), 0) > 0, end, start)
     above = tl.zeros((ROWS,), tl.int64)
     hist = tl.zeros((ROWS * NBINS,), tl.int32)
+    bad = tl.zeros((ROWS,), tl.int32)
     local = tl.arange(0, ROWS)[:, None] * NBINS
     c = start
     while c < end:
         cols = c + tl.arange(0, BLOCK)
         flat = rows[:, None] * part_len + cols[None, :]
-        ok = active[:, None] & (cols < end)[None, :] & (flat < n)
-        x = tl.load(X_ptr + flat, mask=ok, other=0)
+        here = (cols < end)[None, :] & (flat < n)
+        x = tl.load(X_ptr + flat, mask=read[:, None] & here, other=0)
+        if CHECK:
+            bad += tl.sum((read[:, None] & here & nonfinite(x)).to(tl.int32), 1)
+        ok = active[:, None] & here
         key = magnitude_key(x, KEY_MODE)
         d = key.to(tl.int64) - lo[:, None]
         b = d >> shift[:, None]
@@ -70,6 +82,9 @@ def _window_count_kernel(X_ptr, n, part_len, n_parts, chunk, LO_ptr, SHIFT_ptr, 
         hist += tl.histogram(tl.reshape(comb, (ROWS * BLOCK,)), ROWS * NBINS,
                              mask=tl.reshape(inside, (ROWS * BLOCK,)))
         c += BLOCK
+    if CHECK:
+        nbad = tl.sum(bad, 0)
+        tl.atomic_add(NF_ptr, nbad, mask=nbad > 0, sem="relaxed")
     tl.atomic_add(ABOVE_ptr + rows, above, mask=active & (above > 0), sem="relaxed")
     hrow = g * ROWS + tl.arange(0, ROWS * NBINS) // NBINS
     hidx = g * ROWS * NBINS + tl.arange(0, ROWS * NBINS)
@@ -168,8 +183,10 @@ def _sample_window(x: torch.Tensor, k: int, key_dtype, nbits: int, sample: int):
 
 
 def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optional[int],
-           key_dtype=None, sample: Optional[int] = None, sample_min_n: Optional[int] = None):
-    """(τ, c_above, c_eq) int64 CPU tensors of length P (``backends.base`` ``select``).
+           key_dtype=None, sample: Optional[int] = None, sample_min_n: Optional[int] = None,
+           check_finite: bool = False):
+    """(τ, c_above, c_eq) int64 CPU tensors of length P (``backends.base`` ``select``), and with
+    ``check_finite`` a fourth: the number of NaN/Inf elements of x (counted in the first pass).
 
     τ = k-th largest magnitude key of its partition (no-keep key 1 << bits when k = 0).
     """
@@ -184,10 +201,12 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
         part_len, n_parts = int(block_size), -(-n // int(block_size))
     dev = x.device
     kk = k.to(device=dev, dtype=torch.int64).contiguous()  # a strided view would be misread
-    out = torch.zeros(3, n_parts, dtype=torch.int64, device=dev)
+    # τ, c_above, c_eq per partition, then the NaN/Inf count (one row, so one copy to the host)
+    out = torch.zeros(4, n_parts, dtype=torch.int64, device=dev)
     if n_parts == 0 or n == 0:
         out[0] = 1 << nbits
-        return tuple(out.cpu())
+        res = tuple(out[:3].cpu())
+        return res + (0,) if check_finite else res
     out[0] = 1 << nbits
     done = (kk <= 0).to(torch.int32)
     lo = torch.zeros(n_parts, dtype=torch.int64, device=dev)
@@ -205,10 +224,14 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
     block_p = 16 if not interpreting() else min(next_pow2(n_parts), 1024)
     ugrid = (-(-n_parts // block_p),)
     warps = 4 if rows * block <= 2048 else 8
-    for _ in range(passes):
-        _window_count_kernel[grid](x, n, part_len, n_parts, chunk, lo, shift, done, above, hist,
-                                   KEY_MODE=mode, ROWS=rows, BLOCK=block, NBINS=NB, num_warps=warps)
+    nf = out[3]  # the count lands in out[3, 0]
+    for i in range(passes):
+        _window_count_kernel[grid](x, n, part_len, n_parts, chunk, lo, shift, done, above, hist, nf,
+                                   KEY_MODE=mode, ROWS=rows, BLOCK=block, NBINS=NB,
+                                   CHECK=bool(check_finite and i == 0), num_warps=warps)
         _window_update_kernel[ugrid](kk, lo, shift, done, above, hist, out, n_parts, 1 << nbits,
                                      NBINS=NB, LOGB=LOG_NB, BLOCK_P=block_p)
     res = out.cpu()  # the one synchronisation: the result must reach the host
+    if check_finite:
+        return res[0], res[1], res[2], res[3, 0]
     return res[0], res[1], res[2]

@@ -424,3 +424,42 @@ def test_backend_contract():
     assert tau.tolist() == [1 << 15] and above.tolist() == [0] and eq.tolist() == [0]
     out = CPU.apply([x], None, [ApplyPlan("dense")], [1.0], CombineSpec("sum"), torch.float32)
     assert out.shape == (0,)
+
+
+SMALL_CALLS_SCRIPT = r"""
+import os, sys, torch
+import dppa_kernels as dk
+from dppa_kernels._C import cpu_extension
+
+limit = cpu_extension().module.SERIAL_BELOW
+torch.set_num_threads(4)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+side = int(limit ** 0.5) // 2  # a square well below the limit
+base, d = torch.randn(side, side).bfloat16(), torch.randn(side, side).bfloat16()
+dk.magnitude_threshold(d, 0.5, check_finite=False, backend="reference")  # warm up torch alone
+before = tasks()
+for _ in range(3):
+    dk.merge_deltas([d, d], base, method="ties", density=0.3, backend="cpu")
+    dk.merge_deltas([d, d], base, method="della", density=0.3, epsilon=0.1, rescale=True, backend="cpu")
+    dk.prune(d, "magnitude", density=0.2, partition="row", backend="cpu")
+small = tasks()
+big = torch.randn(limit * 4).bfloat16()
+dk.merge_deltas([big, big], big, method="ties", density=0.3, backend="cpu")
+print(before, small, tasks())
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc to count threads")
+def test_small_calls_run_on_the_calling_thread():
+    """Calls below SERIAL_BELOW elements never start an OpenMP team (its start-up and barrier cost
+    more than the work); a larger call does, which shows that the count can see one."""
+    import subprocess
+    import sys
+
+    m = CPU._m
+    assert m.threads_for(8, m.SERIAL_BELOW - 1) == 1 and m.threads_for(8, m.SERIAL_BELOW) == 8
+    r = subprocess.run([sys.executable, "-c", SMALL_CALLS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, small, big = map(int, r.stdout.split())
+    assert small == before, f"small calls started {small - before} thread(s)"
+    assert big > small, "the large call should have started an OpenMP team"

@@ -150,3 +150,85 @@ def test_dppa_parity_with_dppa_merge_cli(fam, tmp_path, method, extra):
     assert cli.keys() == got.keys()
     for k in got:
         assert torch.equal(got[k], cli[k]), k
+
+
+def _state_dicts(n: int = 3, seed: int = 0, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"model.layers.{i}.mlp.{u}.weight" for i in range(3) for u in ("up_proj", "down_proj")]
+
+    def one():
+        sd = {k: torch.randn(24, 16, generator=gen) * (1 + 0.5 * j) for j, k in enumerate(names)}
+        sd["model.norm.weight"] = torch.randn(16, generator=gen)
+        return {k: v.requires_grad_(requires_grad) for k, v in sd.items()}
+
+    return [one() for _ in range(n)], names
+
+
+@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+def test_merge_state_dicts_strided_weights_without_mutation(method):
+    """mergekit's rule for every registered method (test_state_dict_methods_accept_strided_weights
+    _without_mutation): strided inputs merge like contiguous ones, finite, inputs untouched."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(42)
+    tensors = [torch.randn(4, 6, generator=gen).T for _ in range(3)]
+    copies = [t.clone() for t in tensors]
+    dk.install()
+    with pytest.warns(UserWarning, match="no DPPA statistics pre-pass"):
+        want = merge_state_dicts([{"w": t.contiguous()} for t in tensors], method, base=0,
+                                 parameters={"weight": 1.0, "density": 0.7})["w"]
+    with pytest.warns(UserWarning, match="no DPPA statistics pre-pass"):
+        got = merge_state_dicts([{"w": t} for t in tensors], method, base=0,
+                                parameters={"weight": 1.0, "density": 0.7})["w"]
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want)
+    for t, c in zip(tensors, copies):
+        assert torch.equal(t, c)
+
+
+@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+def test_merge_state_dicts_takes_dp_statistics_from_the_tensors_at_hand(method):
+    """Without a pre-pass, the in-memory call allocates DP densities between the unit tensors it
+    was given (what dp_densities computes from the same deltas) and merges with them."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    sds, names = _state_dicts()
+    densities = {1: 0.3, 2: 0.5}
+    dk.install()
+    with pytest.warns(UserWarning, match=r"6 DPPA unit\(s\)"):
+        out = merge_state_dicts(sds, method, base=0, parameters={"weight": [1.0, 0.5], "density": densities})
+    layers = group_units({k: tuple(v.shape) for k, v in sds[0].items()})
+    assert set(layers) == set(names)
+    allocs = {i: dp_densities({k: sds[i][k] - sds[0][k] for k in layers}, densities=(densities[i],),
+                              layers=layers) for i in (1, 2)}
+    assert len({allocs[1].densities[k][0] for k in layers}) > 1  # DP really varies per unit
+    for k in names:
+        want = merge_deltas([sds[i][k] - sds[0][k] for i in (1, 2)], sds[0][k], method=method,
+                            weight=[1.0, 0.5], densities=[tuple(allocs[i].densities[k]) for i in (1, 2)],
+                            alphas=[(1.8,), (1.8,)])
+        assert torch.equal(out[k], want), k
+    norm = "model.norm.weight"
+    want = merge_deltas([sds[i][norm] - sds[0][norm] for i in (1, 2)], sds[0][norm],
+                        method="ties" if method == "dppa_ties" else "task_arithmetic", weight=[1.0, 0.5],
+                        density=1.0, normalize=method == "dppa_ties")
+    assert torch.equal(out[norm], want)
+
+
+def test_dppa_keeps_autograd_through_in_memory_inputs():
+    """Grad on and inputs requiring grad: the differentiable reference merges (same values as our
+    kernels), and the gradient w.r.t. a fine-tuned weight is weight × band factor where kept, else 0."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    sds, names = _state_dicts(requires_grad=True)
+    dk.install()
+    with pytest.warns(UserWarning):
+        out = merge_state_dicts(sds, "dppa", base=0, parameters={"weight": [1.0, 0.5], "density": 0.3})
+    with torch.no_grad(), pytest.warns(UserWarning):
+        plain = merge_state_dicts(sds, "dppa", base=0, parameters={"weight": [1.0, 0.5], "density": 0.3})
+    k = names[0]
+    assert out[k].requires_grad and not plain[k].requires_grad
+    torch.testing.assert_close(out[k].detach(), plain[k], rtol=0, atol=1e-6)
+    out[k].sum().backward()
+    g = sds[2][k].grad
+    assert set(torch.unique(g).tolist()) == {0.0, float(torch.tensor(0.5 * 1.8))}
+    assert 0.2 < float((g != 0).float().mean()) < 0.4  # density 0.3 ± DP's offsets

@@ -260,3 +260,63 @@ def test_missing_optional_dependencies_raise_clear_import_errors():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ERR")]
     assert len(lines) == 2
     assert "dppa-kernels[mergekit]" in lines[0] and "dppa-kernels[peft]" in lines[1]
+
+
+GTA_PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
+              "dare_linear": {"density": 0.5}, "breadcrumbs": {"density": 0.5, "gamma": 0.1},
+              "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1}, "della": {"density": 0.5, "epsilon": 0.1},
+              "della_linear": {"density": 0.5, "epsilon": 0.1}}
+
+
+def _module_merge_grads(method: str):
+    """mergekit's module-input scenario (test_module_inputs_preserve_parameter_gradients) for
+    ``method``: the merged tensors and the gradients of their sum w.r.t. every input parameter."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(3)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 4, bias=False))
+              for _ in range(3)]
+    with torch.no_grad():
+        for m in models:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    torch.manual_seed(11)  # the same DARE/DELLA draws in both runs
+    out = merge_state_dicts(models, method, base=0, parameters={"weight": [0.75, 0.5], **GTA_PARAMS[method]})
+    sum(t.sum() for t in out.values()).backward()
+    return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for m in models for p in m.parameters()]
+
+
+@pytest.mark.parametrize("method", dk.GTA_NAMES)
+def test_gta_methods_keep_autograd_through_module_inputs(method):
+    """Grad on and inputs requiring grad: mergekit's own code runs (same values, same gradients);
+    under no_grad our kernels run and nothing requires grad."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    want = _module_merge_grads(method)
+    with dk.installed():
+        got = _module_merge_grads(method)
+        x = [{"w": torch.randn(8, 6, requires_grad=True)} for _ in range(3)]
+        with torch.no_grad():
+            out = merge_state_dicts(x, method, base=0, parameters={"weight": 1.0, **GTA_PARAMS[method]})
+        assert not out["w"].requires_grad
+    for k in want[0]:
+        assert torch.equal(got[0][k], want[0][k]), (method, k)
+    assert all(g.abs().sum() > 0 for g in want[1][3:]), "the scenario must have non-zero gradients"
+    for g_ours, g_mk in zip(got[1], want[1]):
+        assert torch.equal(g_ours, g_mk), method
+
+
+def test_gta_merge_group_runs_our_kernel_without_grad(monkeypatch):
+    """The autograd fallback is taken only when autograd records: plain tensors reach our kernels."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    calls = []
+    real = dk.merge_prepared
+    monkeypatch.setattr(dk, "merge_prepared", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+    x = [{"w": torch.randn(8, 6, requires_grad=True)} for _ in range(3)]
+    with dk.installed():
+        with torch.no_grad():
+            merge_state_dicts(x, "ties", base=0, parameters={"weight": 1.0, "density": 0.5})
+        assert calls == ["auto"]
+        merge_state_dicts(x, "ties", base=0, parameters={"weight": 1.0, "density": 0.5})
+        assert calls == ["auto"]  # grad recorded: mergekit's code, not ours

@@ -1,4 +1,4 @@
-"""pat.fold: the folded dense model equals the hard-masked PAT model (PAT.md §7)."""
+"""pat.fold: the folded dense model equals the hard-masked PAT model."""
 
 import os
 
@@ -6,10 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_pat_model import FAMILIES, VOCAB, ids, tiny  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from dppa_kernels import pat  # noqa: E402
-from test_pat_model import FAMILIES, VOCAB, ids, tiny  # noqa: E402
 
 D = 64
 
@@ -163,10 +163,12 @@ def test_fold_bad_input():
         pat.fold(model, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="differs from the masked model"):
         pat.fold(model, exact_eps=False, verify_ids=ids(), verify_rtol=1e-7)
-    # transformers' LlamaConfig demands hidden_size % num_attention_heads == 0
+    # transformers' LlamaConfig demands hidden_size % num_attention_heads == 0: the multiple_of
+    # override is not checked against it, fold says what to do
     odd = trained_like(tiny("llama"), 45)
-    pat.binarize(odd)
-    with pytest.raises(ValueError, match=r"hidden_size d'=45.*multiple_of"):
+    pat.binarize(odd, multiple_of=3)
+    with pytest.raises(ValueError, match=r"hidden_size d'=45.*not a multiple of the number of "
+                                         r"attention heads.*multiple_of"):
         pat.fold(odd)
 
 

@@ -1,4 +1,4 @@
-"""Unified mask: schedule values (PAT.md §4), gate, count/polarisation losses, binarisation."""
+"""Unified mask: schedule values, gate, count/polarisation losses, binarisation."""
 
 import math
 

@@ -7,7 +7,7 @@ using namespace tiles;
 
 std::vector<double> abs_sums(const PlanDesc& plan, int64_t n, int nthreads) {
   if (n == 0) return {0.0, 0.0};
-  const int nt = resolve_threads(nthreads);
+  const int nt = resolve_threads(nthreads, n);
   const Chunks ch(n);
   Model m = make_model(plan, n);
   if (m.pd->kind == kThresholds) tie_prefix(m, ch, nt);

@@ -1,6 +1,11 @@
 // The fused apply pass: per element and model, factor from the plan (plan_tiles.h), × scale ×
 // weight, sum or TIES combine, + base, one cast. Works tile by tile (fp32 tile buffers in L1/L2),
 // never on whole-tensor temporaries, writing straight into the output.
+//
+// NaN/Inf: every step propagates a non-finite input to the fp32 result (NaN·0 and Inf·0 are NaN;
+// a NaN vote agrees with no sign, and a disagreeing value still adds v·0), so the store reports
+// the largest magnitude of its results: a NaN/Inf there means a non-finite input (or a value that
+// overflowed fp32, which the caller tells apart). No extra read of any input.
 #include <algorithm>
 #include <cmath>
 
@@ -15,14 +20,18 @@ namespace {
 
 using namespace tiles;
 
-// out[t0 .. t0 + len) = cast(base + lam · mixed).
-template <int BD, int OD, bool HasBase>
-void tile_store(const void* base, void* out, int64_t t0, int64_t len, const float* __restrict mixed, float lam) {
+// out[t0 .. t0 + len) = cast(base + lam · mixed). Check: also returns the largest magnitude bits
+// of the fp32 results, so that the caller sees a NaN/Inf among them.
+template <int BD, int OD, bool HasBase, bool Check>
+uint32_t tile_store(const void* base, void* out, int64_t t0, int64_t len, const float* __restrict mixed, float lam) {
+  uint32_t top = 0;
   for (int64_t i = 0; i < len; ++i) {
     float r = mixed[i] * lam;
     if constexpr (HasBase) r = load_f32<BD>(base, t0 + i) + r;
+    if constexpr (Check) top = std::max(top, f32_to_bits(r) & 0x7FFFFFFFu);
     store_from_f32<OD>(out, t0 + i, r);
   }
+  return top;
 }
 
 struct Ctx {
@@ -32,6 +41,7 @@ struct Ctx {
   const void* base;
   int base_dtype, out_dtype;
   void* out;
+  bool check;
 };
 
 // Σ_i w_i·v_i in model order (fp32), then the divisor.
@@ -89,8 +99,9 @@ void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, cons
 }
 
 // One tile: every model's values into vbuf rows, then the combine into mix, then the store.
-void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank, const int* forced, uint32_t* key,
-              float* f, float* vbuf, float* mix, float* aux) {
+// Returns the largest magnitude bits of the tile's fp32 results when cx.check, else 0.
+uint32_t run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank, const int* forced,
+                  uint32_t* key, float* f, float* vbuf, float* mix, float* aux) {
   const int M = int(cx.models.size());
   for (int i = 0; i < M; ++i) {
     const Model& m = cx.models[i];
@@ -117,10 +128,16 @@ void run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& rank
   if (c.combine == 0) combine_sum(c, cx.weights.data(), M, len, vbuf, mix);
   else combine_ties(c, cx.weights.data(), M, len, vbuf, f, aux, mix);
   const float lam = float(c.lam);
-  dispatch_d(cx.out_dtype, [&](auto od) {
+  return dispatch_d(cx.out_dtype, [&](auto od) {
     constexpr int OD = decltype(od)::value;
-    if (!cx.base) return tile_store<kF32, OD, false>(nullptr, cx.out, t0, len, mix, lam);
-    dispatch_d(cx.base_dtype, [&](auto bd) { tile_store<decltype(bd)::value, OD, true>(cx.base, cx.out, t0, len, mix, lam); });
+    if (!cx.base)
+      return cx.check ? tile_store<kF32, OD, false, true>(nullptr, cx.out, t0, len, mix, lam)
+                      : tile_store<kF32, OD, false, false>(nullptr, cx.out, t0, len, mix, lam);
+    return dispatch_d(cx.base_dtype, [&](auto bd) {
+      constexpr int BD = decltype(bd)::value;
+      return cx.check ? tile_store<BD, OD, true, true>(cx.base, cx.out, t0, len, mix, lam)
+                      : tile_store<BD, OD, true, false>(cx.base, cx.out, t0, len, mix, lam);
+    });
   });
 }
 
@@ -141,19 +158,21 @@ void advise_huge_pages(void* p, int64_t bytes) {
 
 }  // namespace
 
-void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
-           uintptr_t out, int out_dtype, int64_t n, int nthreads) {
+bool apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
+           uintptr_t out, int out_dtype, int64_t n, bool check_finite, int nthreads) {
   check(!plans.empty(), "at least one model");
-  if (n == 0) return;
-  const int nt = resolve_threads(nthreads);
-  Ctx cx{{}, {}, comb, reinterpret_cast<const void*>(base), base_dtype, out_dtype, reinterpret_cast<void*>(out)};
+  if (n == 0) return false;
+  const int nt = resolve_threads(nthreads, n);
+  Ctx cx{{}, {}, comb, reinterpret_cast<const void*>(base), base_dtype, out_dtype, reinterpret_cast<void*>(out),
+         check_finite};
   const Chunks ch(n);
   advise_huge_pages(cx.out, n * (out_dtype == kF32 ? 4 : 2));
   for (const PlanDesc& pd : plans) cx.models.push_back(make_model(pd, n)), cx.weights.push_back(float(pd.weight));
   for (Model& m : cx.models)
     if (m.pd->kind == kThresholds) tie_prefix(m, ch, nt);
   const int M = int(plans.size());
-#pragma omp parallel num_threads(nt)
+  uint32_t top = 0;
+#pragma omp parallel num_threads(nt) reduction(max : top)
   {
     std::vector<float> f(kTile), vbuf(size_t(M) * kTile), mix(kTile), aux(kTile);
     std::vector<uint32_t> key(kTile);
@@ -166,10 +185,11 @@ void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, c
       const int64_t s = c * ch.size, e = std::min(n, s + ch.size);
       for (int i = 0; i < M; ++i) forced[i] = chunk_mode(cx.models[i], c, s, e);
       for (int64_t t0 = s; t0 < e; t0 += kTile)
-        run_tile(cx, t0, std::min(kTile, e - t0), rank, forced.data(), key.data(), f.data(), vbuf.data(), mix.data(),
-                 aux.data());
+        top = std::max(top, run_tile(cx, t0, std::min(kTile, e - t0), rank, forced.data(), key.data(), f.data(),
+                                     vbuf.data(), mix.data(), aux.data()));
     }
   }
+  return top >= nonfinite_key<kF32>();
 }
 
 }  // namespace dppa

@@ -24,6 +24,20 @@ inline void check(bool ok, const char* what) {
 
 inline int key_bits(int dtype) { return dtype == kF32 ? 31 : 15; }
 
+// The smallest magnitude key of a non-finite value in key dtype KD: +Inf's bits; NaN keys lie above.
+// Every non-finite input gets a key at or above it in every key dtype (mag_key below); a finite
+// input can too only when it overflows a narrower key dtype.
+template <int KD>
+constexpr uint32_t nonfinite_key() {
+  return KD == kF32 ? 0x7F800000u : KD == kBF16 ? 0x7F80u : 0x7C00u;
+}
+
+// Below this many elements a call runs on the calling thread: waking an OpenMP team (and waiting
+// at its barrier for a thread that lost its core) costs more than the work. Measured on 2 cores
+// (bench/bench_cpu.py --threads-sweep): a 2-model merge gains from a second thread from 32 Ki
+// elements; below that the apply pass is one chunk (>= 16 Ki elements each) anyway.
+constexpr int64_t kSerialBelow = int64_t(1) << 15;
+
 // ---------------------------------------------------------------------------------------------
 // Conversions. All exact or round-to-nearest-even, as torch's .to(dtype) (no FP contraction: the
 // extension is compiled with -ffp-contract=off).
@@ -111,8 +125,10 @@ inline uint32_t mag_key(const void* p, int64_t i) {
     if constexpr (D == kF32) return static_cast<const uint32_t*>(p)[i] & 0x7FFFFFFFu;
     else return static_cast<const uint16_t*>(p)[i] & 0x7FFFu;
   } else if constexpr (D == kF32 && KD == kBF16) {
-    // rounding on the magnitude bits: the carry can never reach the sign bit for finite input
+    // rounding on the magnitude bits: the carry never reaches the sign bit for finite input, and
+    // a NaN becomes the quiet NaN torch rounds it to (key 0x7FC0)
     uint32_t a = static_cast<const uint32_t*>(p)[i] & 0x7FFFFFFFu;
+    a = a > 0x7F800000u ? 0x7FC00000u : a;
     return (a + 0x7FFFu + ((a >> 16) & 1u)) >> 16;
   } else {
     float v = load_f32<D>(p, i);
@@ -175,13 +191,17 @@ struct Parts {
   int64_t len(int64_t p) const { return (p + 1) * L <= n ? L : n - p * L; }
 };
 
-int resolve_threads(int nthreads);
+// Threads for a call over n elements: nthreads (0: OpenMP's default), 1 below kSerialBelow;
+// nthreads < 0: exactly -nthreads (bench_cpu.py --threads-sweep measures the rule with it).
+int resolve_threads(int nthreads, int64_t n);
 
 // ---------------------------------------------------------------------------------------------
 // Entry points (select.cpp, apply.cpp)
 
-void select(uintptr_t x, int dtype, int64_t n, int64_t L, int key_dtype, uintptr_t k, uintptr_t tau,
-            uintptr_t c_above, uintptr_t c_eq, int nthreads);
+// Returns whether some key it read was non-finite (>= nonfinite_key): free from its histograms.
+// With scan_all, partitions with k = 0 (which need no select) are scanned for such keys too.
+bool select(uintptr_t x, int dtype, int64_t n, int64_t L, int key_dtype, uintptr_t k, uintptr_t tau,
+            uintptr_t c_above, uintptr_t c_eq, bool scan_all, int nthreads);
 void histogram(uintptr_t x, int dtype, int64_t n, int key_dtype, uintptr_t out, int nthreads);
 void della_mask(uintptr_t x, int dtype, int64_t n, int64_t cols, double density, double epsilon,
                 uint32_t k1, uint32_t k2, uintptr_t out, int nthreads);
@@ -202,7 +222,6 @@ struct PlanDesc {
   uintptr_t budget = 0;   // int64 [P, K] (exact_k)
   uintptr_t c_eq = 0;     // int64 [P, K] (exact_k)
   std::vector<double> factors;
-  bool needs_rank = false;
   // dare
   uint32_t k1 = 0, k2 = 0;
   uint64_t thr32 = 0;
@@ -221,8 +240,10 @@ struct CombineDesc {
   double sum_divisor = 1.0;
 };
 
-void apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
-           uintptr_t out, int out_dtype, int64_t n, int nthreads);
+// With check_finite, returns whether a fp32 result (before the cast) was NaN/Inf: the trace every
+// non-finite input leaves (apply.cpp). Without, returns false.
+bool apply(const std::vector<PlanDesc>& plans, uintptr_t base, int base_dtype, const CombineDesc& comb,
+           uintptr_t out, int out_dtype, int64_t n, bool check_finite, int nthreads);
 std::vector<double> abs_sums(const PlanDesc& plan, int64_t n, int nthreads);
 
 }  // namespace dppa

@@ -254,7 +254,10 @@ inline Model make_model(const PlanDesc& pd, int64_t n) {
     m.tau = reinterpret_cast<const int64_t*>(pd.tau);
     m.budget = reinterpret_cast<const int64_t*>(pd.budget);
     m.ceq = reinterpret_cast<const int64_t*>(pd.c_eq);
-    m.rank_pass = pd.needs_rank && pd.tie_mode == kExactK;
+    // a tie rank pass only where some level keeps part of its ties (0 < budget < c_eq)
+    if (pd.tie_mode == kExactK)
+      for (int64_t i = 0; i < m.parts.P * m.K && !m.rank_pass; ++i)
+        m.rank_pass = m.budget[i] > 0 && m.budget[i] < m.ceq[i];
   } else {
     check(pd.kind == kDense || pd.kind == kDare || pd.kind == kMask, "known plan kind");
     check(pd.kind != kMask || pd.mask != 0, "mask plan has a mask");

@@ -9,7 +9,10 @@
 
 namespace dppa {
 
-int resolve_threads(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
+int resolve_threads(int nthreads, int64_t n) {
+  if (nthreads < 0) return -nthreads;  // exactly that many, no size rule (measuring the rule itself)
+  return n < kSerialBelow ? 1 : nthreads > 0 ? nthreads : omp_get_max_threads();
+}
 
 namespace {
 
@@ -87,16 +90,26 @@ void parallel_hist(const void* x, int64_t s, int64_t n, int shift, int64_t nbins
   }  // implicit barrier: no buffer is freed before the reduction is done
 }
 
-// k-th largest key of one large partition, every thread working on it.
+// Whether a histogram of key >> shift counts a non-finite key (Inf's key has zero low bits).
+template <int KD>
+bool counts_nonfinite(const uint64_t* h, int shift) {
+  for (uint32_t b = nonfinite_key<KD>() >> shift; b < 32768u; ++b)
+    if (h[b]) return true;
+  return false;
+}
+
+// k-th largest key of one large partition, every thread working on it; nf |= a non-finite key seen.
 template <int D, int KD>
-Sel select_parallel(const void* x, int64_t s, int64_t n, int64_t k, int nt) {
+Sel select_parallel(const void* x, int64_t s, int64_t n, int64_t k, int nt, bool& nf) {
   if constexpr (KD != kF32) {
     std::vector<uint64_t> h(32768);
     parallel_hist<D, KD, false>(x, s, n, 0, 32768, 0, 0, h.data(), nt);
+    nf = nf || counts_nonfinite<KD>(h.data(), 0);
     return scan_top(h.data(), 32768, k);
   } else {  // 31-bit keys: the high 15 bits, then the low 16 bits inside the chosen bucket
     std::vector<uint64_t> h(65536);
     parallel_hist<D, KD, false>(x, s, n, 16, 32768, 0, 0, h.data(), nt);
+    nf = nf || counts_nonfinite<KD>(h.data(), 16);
     Sel hi = scan_top(h.data(), 32768, k);
     parallel_hist<D, KD, true>(x, s, n, 0, 65536, 16, uint32_t(hi.tau), h.data(), nt);
     Sel lo = scan_top(h.data(), 65536, k - hi.above);
@@ -148,7 +161,7 @@ inline int64_t compact(uint32_t* key, int64_t n, int low, uint32_t want) {
 // the chosen bucket's keys in place and repeat. Short lists finish with nth_element.
 template <int D, int KD>
 Sel select_serial(const void* x, int64_t s, int64_t n, int64_t k, std::vector<uint32_t>& scratch,
-                  std::vector<uint32_t>& hbuf) {
+                  std::vector<uint32_t>& hbuf, bool& nf) {
   scratch.resize(size_t(n));
   uint32_t* key = scratch.data();
   uint32_t kmin = UINT32_MAX, kmax = 0;
@@ -158,6 +171,7 @@ Sel select_serial(const void* x, int64_t s, int64_t n, int64_t k, std::vector<ui
     kmin = std::min(kmin, v);
     kmax = std::max(kmax, v);
   }
+  nf = nf || kmax >= nonfinite_key<KD>();
   int64_t above = 0;
   while (n > 64 && kmin != kmax) {
     const int64_t range = int64_t(kmax) - kmin + 1;
@@ -192,27 +206,50 @@ Sel select_serial(const void* x, int64_t s, int64_t n, int64_t k, std::vector<ui
   return {int64_t(tau), above, eq};
 }
 
+// Whether a key of x[s, s + n) is non-finite: the scan for partitions that need no select (k = 0).
 template <int D, int KD>
-void select_impl(const void* x, int64_t n, int64_t L, const int64_t* k, int64_t* tau, int64_t* above,
-                 int64_t* eq, int nt) {
+bool scan_nonfinite(const void* x, int64_t s, int64_t n, int nt) {
+  uint32_t m = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : m)
+  for (int64_t i = s; i < s + n; ++i) m = std::max(m, mag_key<D, KD>(x, i));
+  return m >= nonfinite_key<KD>();
+}
+
+template <int D, int KD>
+bool select_impl(const void* x, int64_t n, int64_t L, const int64_t* k, int64_t* tau, int64_t* above,
+                 int64_t* eq, bool scan_all, int nt) {
   const Parts parts{n, L, (n + L - 1) / L};
   const int64_t none = int64_t(1) << key_bits(KD);
   auto put = [&](int64_t p, Sel r) { tau[p] = r.tau, above[p] = r.above, eq[p] = r.eq; };
   for (int64_t p = 0; p < parts.P; ++p) check(k[p] >= 0 && k[p] <= parts.len(p), "0 <= k <= partition size");
+  bool nf = false;
   // Few long partitions: parallelise inside each; many: one partition per thread at a time.
   if (L >= (int64_t(1) << 20) || (parts.P < 2 * nt && L >= (int64_t(1) << 16))) {
-    for (int64_t p = 0; p < parts.P; ++p)
-      put(p, k[p] == 0 ? Sel{none, 0, 0} : select_parallel<D, KD>(x, parts.start(p), parts.len(p), k[p], nt));
-    return;
+    for (int64_t p = 0; p < parts.P; ++p) {
+      if (k[p] > 0) {
+        put(p, select_parallel<D, KD>(x, parts.start(p), parts.len(p), k[p], nt, nf));
+      } else {
+        put(p, Sel{none, 0, 0});
+        if (scan_all && !nf) nf = scan_nonfinite<D, KD>(x, parts.start(p), parts.len(p), nt);
+      }
+    }
+    return nf;
   }
   const int64_t grain = std::max<int64_t>(1, 16384 / L);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) reduction(|| : nf)
   {
     std::vector<uint32_t> scratch, hbuf;
 #pragma omp for schedule(dynamic, grain)
-    for (int64_t p = 0; p < parts.P; ++p)
-      put(p, k[p] == 0 ? Sel{none, 0, 0} : select_serial<D, KD>(x, parts.start(p), parts.len(p), k[p], scratch, hbuf));
+    for (int64_t p = 0; p < parts.P; ++p) {
+      if (k[p] > 0) {
+        put(p, select_serial<D, KD>(x, parts.start(p), parts.len(p), k[p], scratch, hbuf, nf));
+      } else {
+        put(p, Sel{none, 0, 0});
+        if (scan_all && !nf) nf = scan_nonfinite<D, KD>(x, parts.start(p), parts.len(p), 1);
+      }
+    }
   }
+  return nf;
 }
 
 // Stable LSD radix sort of (key, index) by key: afterwards idx[r] is the element of ascending rank
@@ -311,20 +348,21 @@ void della_impl(const void* x, int64_t n, int64_t cols, double density, double e
 
 }  // namespace
 
-void select(uintptr_t x, int dtype, int64_t n, int64_t L, int key_dtype, uintptr_t k, uintptr_t tau,
-            uintptr_t c_above, uintptr_t c_eq, int nthreads) {
+bool select(uintptr_t x, int dtype, int64_t n, int64_t L, int key_dtype, uintptr_t k, uintptr_t tau,
+            uintptr_t c_above, uintptr_t c_eq, bool scan_all, int nthreads) {
   check(n > 0 && L > 0, "select on a non-empty tensor with a positive partition length");
-  const int nt = resolve_threads(nthreads);
-  dispatch_d_kd(dtype, key_dtype, [&](auto d, auto kd) {
-    select_impl<decltype(d)::value, decltype(kd)::value>(
+  const int nt = resolve_threads(nthreads, n);
+  return dispatch_d_kd(dtype, key_dtype, [&](auto d, auto kd) {
+    return select_impl<decltype(d)::value, decltype(kd)::value>(
         reinterpret_cast<const void*>(x), n, L, reinterpret_cast<const int64_t*>(k),
-        reinterpret_cast<int64_t*>(tau), reinterpret_cast<int64_t*>(c_above), reinterpret_cast<int64_t*>(c_eq), nt);
+        reinterpret_cast<int64_t*>(tau), reinterpret_cast<int64_t*>(c_above), reinterpret_cast<int64_t*>(c_eq),
+        scan_all, nt);
   });
 }
 
 void histogram(uintptr_t x, int dtype, int64_t n, int key_dtype, uintptr_t out, int nthreads) {
   check(key_dtype != kF32, "histogram keys are 15-bit (bf16 or fp16)");
-  const int nt = resolve_threads(nthreads);
+  const int nt = resolve_threads(nthreads, n);
   std::vector<uint64_t> h(32768, 0);
   if (n > 0)
     dispatch_d_kd(dtype, key_dtype, [&](auto d, auto kd) {
@@ -340,7 +378,7 @@ void della_mask(uintptr_t x, int dtype, int64_t n, int64_t cols, double density,
                 uint32_t k2, uintptr_t out, int nthreads) {
   check(n > 0 && cols > 0 && n % cols == 0, "della_mask on whole rows");
   check(cols <= int64_t(UINT32_MAX), "della_mask rows shorter than 2^32");
-  const int nt = resolve_threads(nthreads);
+  const int nt = resolve_threads(nthreads, n);
   dispatch_d(dtype, [&](auto d) {
     della_impl<decltype(d)::value>(reinterpret_cast<const void*>(x), n, cols, density, epsilon, k1, k2,
                                    reinterpret_cast<uint8_t*>(out), nt);

@@ -23,22 +23,26 @@ cudaError_t radix_hist(const void* x, int64_t n, int dtype, int key_mode, const 
 
 // Single-CTA digit choice: finds the digit of the state's k_rem-th largest key, updates state
 // (prefix, mask, k_rem, above), zeroes hist for the next pass; on the final pass writes
-// out = (tau, c_above, c_eq).
+// out = (tau, c_above, c_eq, state[4]). nf_digit >= 0: adds the keys of digits >= nf_digit to
+// state[4] (the NaN/Inf count, on the first pass).
 cudaError_t radix_choose(unsigned long long* hist, int shift, int bits, int64_t* state, int final_pass,
-                         int64_t* out, cudaStream_t stream);
+                         int64_t nf_digit, int64_t* out, cudaStream_t stream);
 
-// state = (prefix 0, mask 0, k_rem k, above 0).
+// state = (prefix 0, mask 0, k_rem k, above 0, NaN/Inf count 0).
 cudaError_t radix_init(int64_t* state, int64_t k, cudaStream_t stream);
 
 // Exact select for one partition (the whole tensor): 16-bit keys in one pass (32768 bins),
-// 31-bit keys in three (11/11/9 bits). hist: 32768 uint64 zeroed; state: 4 int64; out: 3 int64.
+// 31-bit keys in three (11/11/9 bits). hist: 32768 uint64 zeroed; state: 5 int64; out: 4 int64
+// (tau, c_above, c_eq, number of keys at or above nonfinite_key: NaN/Inf, counted for free).
 cudaError_t select_tensor(const void* x, int64_t n, int dtype, int key_mode, int64_t k,
                           unsigned long long* hist, int64_t* state, int64_t* out, cudaStream_t stream);
 
 // Exact select for P partitions of length L (the last may be shorter): one CTA per partition,
-// 8-bit-digit radix in shared memory. k: P int64 on the device; out: 3×P int64 (tau, c_above, c_eq).
+// 8-bit-digit radix in shared memory. k: P int64 on the device; out: 4×P int64 (tau, c_above, c_eq,
+// and the partition's keys at or above nonfinite_key, counted in the first pass; for k <= 0 only
+// with scan_all, else 0).
 cudaError_t select_partitions(const void* x, int64_t n, int64_t part_len, int64_t n_parts, int dtype, int key_mode,
-                              const int64_t* k, int64_t* out, cudaStream_t stream);
+                              const int64_t* k, int scan_all, int64_t* out, cudaStream_t stream);
 
 // Key width (15 or 31) of a key mode, for host code that does not include keys.cuh.
 int key_bits_host(int key_mode);

@@ -44,9 +44,9 @@ void select_tensor(std::uintptr_t x, int64_t n, int dtype, int key_mode, int64_t
 }
 
 void select_partitions(std::uintptr_t x, int64_t n, int64_t part_len, int64_t n_parts, int dtype, int key_mode,
-                       std::uintptr_t k, std::uintptr_t out, std::uintptr_t stream) {
+                       std::uintptr_t k, bool scan_all, std::uintptr_t out, std::uintptr_t stream) {
   check(dppa::select_partitions(as_ptr<const void>(x), n, part_len, n_parts, dtype, key_mode,
-                                as_ptr<const int64_t>(k), as_ptr<int64_t>(out), as_stream(stream)),
+                                as_ptr<const int64_t>(k), scan_all ? 1 : 0, as_ptr<int64_t>(out), as_stream(stream)),
         "select_partitions");
 }
 
@@ -61,12 +61,14 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("histogram15", &histogram15, "32768-bin histogram of the 15-bit magnitude key into uint64 hist (zeroed)",
         py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("key_mode"), py::arg("hist"), py::arg("stream"), nogil);
   m.def("select_tensor", &select_tensor,
-        "exact k-th largest key of the whole tensor: out[3] = (tau, c_above, c_eq); hist 32768 uint64 zeroed, state 4 int64",
+        "exact k-th largest key of the whole tensor: out[4] = (tau, c_above, c_eq, NaN/Inf keys); hist 32768 "
+        "uint64 zeroed, state 5 int64",
         py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("key_mode"), py::arg("k"), py::arg("hist"),
         py::arg("state"), py::arg("out"), py::arg("stream"), nogil);
   m.def("select_partitions", &select_partitions,
-        "exact k-th largest key per partition of part_len elements: out[3, P]; k is P int64 on the device",
+        "exact k-th largest key per partition of part_len elements: out[4, P] (tau, c_above, c_eq, NaN/Inf "
+        "keys; for k <= 0 counted only with scan_all); k is P int64 on the device",
         py::arg("x"), py::arg("n"), py::arg("part_len"), py::arg("n_parts"), py::arg("dtype"), py::arg("key_mode"),
-        py::arg("k"), py::arg("out"), py::arg("stream"), nogil);
+        py::arg("k"), py::arg("scan_all"), py::arg("out"), py::arg("stream"), nogil);
   m.attr("DTYPES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
 }

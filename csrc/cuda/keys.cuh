@@ -38,8 +38,10 @@ __device__ __forceinline__ uint32_t key_of_raw(uint32_t raw) {
   } else if constexpr (KM == kF32Key) {
     return __float_as_uint(raw_to_float<DT>(raw)) & 0x7FFFFFFFu;
   } else if constexpr (KM == kBF16Key) {
-    // round-to-nearest-even on the integer bits (no overflow for finite values), like torch
-    const uint32_t u = __float_as_uint(raw_to_float<DT>(raw)) & 0x7FFFFFFFu;
+    // round-to-nearest-even on the integer bits, like torch; a NaN becomes torch's quiet NaN
+    // (key 0x7FC0), so the carry never reaches bit 15
+    uint32_t u = __float_as_uint(raw_to_float<DT>(raw)) & 0x7FFFFFFFu;
+    u = u > 0x7F800000u ? 0x7FC00000u : u;
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   } else {
     return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(raw_to_float<DT>(raw)))) & 0x7FFFu;
@@ -67,5 +69,13 @@ __device__ __forceinline__ uint32_t key_at(const void* x, int64_t i) {
   }
 
 inline int key_bits(int key_mode) { return key_mode == kF32Key ? 31 : 15; }
+
+// The smallest key of a NaN/Inf (+Inf's key; NaN keys lie above) for x of dtype DT in key mode KM.
+// Every non-finite x has a key at or above it; a finite x only when it overflows a narrower key.
+__host__ __device__ constexpr uint32_t nonfinite_key(int dtype, int key_mode) {
+  return key_mode == kF32Key ? 0x7F800000u
+         : (key_mode == kF16Key || (key_mode == kNative16 && dtype == kF16)) ? 0x7C00u
+                                                                             : 0x7F80u;
+}
 
 }  // namespace dppa

@@ -7,7 +7,9 @@
 // ranges), picks the digit of the k_rem-th largest key and updates the state on the device, so
 // consecutive passes need no host round trip.
 // 16-bit keys: one pass (≈ one read). fp32 keys: digits of 11/11/9 bits, three reads (no
-// candidate compaction yet). Extra memory: the 32768 × 8 B histogram and 4 int64 of state.
+// candidate compaction yet). Extra memory: the 32768 × 8 B histogram and 5 int64 of state.
+// NaN/Inf: the first pass's digits at or above the non-finite key's (Inf's key has zero low bits
+// in both plans) count them for free; select_tensor reports the count as out[3].
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -82,10 +84,12 @@ cudaError_t launch_hist(const void* x, int64_t n, const int64_t* state, int shif
   return cudaGetLastError();
 }
 
+// nf_digit >= 0: also add the keys in digits >= nf_digit (the first pass's non-finite keys) to
+// state[4]; the final pass copies state[4] to out[3].
 __global__ void __launch_bounds__(kChooseThreads) radix_choose_kernel(unsigned long long* __restrict__ hist,
                                                                       int shift, int bits,
                                                                       int64_t* __restrict__ state, int final_pass,
-                                                                      int64_t* __restrict__ out) {
+                                                                      int64_t nf_digit, int64_t* __restrict__ out) {
   __shared__ long long scan[kChooseThreads];
   const int nb = 1 << bits;
   const int t = threadIdx.x;
@@ -94,8 +98,12 @@ __global__ void __launch_bounds__(kChooseThreads) radix_choose_kernel(unsigned l
   const int hi = max(nb - t * per, 0);
   const int lo = max(hi - per, 0);
   const long long k_rem = state[2];
-  long long own = 0;
-  for (int b = hi - 1; b >= lo; --b) own += static_cast<long long>(hist[b]);
+  long long own = 0, own_nf = 0;
+  for (int b = hi - 1; b >= lo; --b) {
+    own += static_cast<long long>(hist[b]);
+    if (nf_digit >= 0 && b >= nf_digit) own_nf += static_cast<long long>(hist[b]);
+  }
+  if (own_nf) atomicAdd(reinterpret_cast<unsigned long long*>(state + 4), static_cast<unsigned long long>(own_nf));
   scan[t] = own;
   __syncthreads();
   for (int off = 1; off < kChooseThreads; off <<= 1) {
@@ -126,7 +134,8 @@ __global__ void __launch_bounds__(kChooseThreads) radix_choose_kernel(unsigned l
       c += h;
     }
   }
-  __syncthreads();
+  __syncthreads();  // every thread's state[4] update is visible to thread 0
+  if (final_pass && t == 0) out[3] = state[4];
   for (int b = lo; b < hi; ++b) hist[b] = 0ull;  // ready for the next pass
 }
 
@@ -135,6 +144,7 @@ __global__ void radix_init_kernel(int64_t* state, int64_t k) {
   state[1] = 0;
   state[2] = k;
   state[3] = 0;
+  state[4] = 0;
 }
 
 }  // namespace
@@ -147,8 +157,8 @@ cudaError_t radix_hist(const void* x, int64_t n, int dtype, int key_mode, const 
 }
 
 cudaError_t radix_choose(unsigned long long* hist, int shift, int bits, int64_t* state, int final_pass,
-                         int64_t* out, cudaStream_t stream) {
-  radix_choose_kernel<<<1, kChooseThreads, 0, stream>>>(hist, shift, bits, state, final_pass, out);
+                         int64_t nf_digit, int64_t* out, cudaStream_t stream) {
+  radix_choose_kernel<<<1, kChooseThreads, 0, stream>>>(hist, shift, bits, state, final_pass, nf_digit, out);
   return cudaGetLastError();
 }
 
@@ -169,7 +179,8 @@ cudaError_t select_tensor(const void* x, int64_t n, int dtype, int key_mode, int
     const int shift = wide ? kPlan32[i][0] : kPlan16[i][0];
     const int bits = wide ? kPlan32[i][1] : kPlan16[i][1];
     err = radix_hist(x, n, dtype, key_mode, state, shift, bits, hist, stream);
-    if (err == cudaSuccess) err = radix_choose(hist, shift, bits, state, i == passes - 1, out, stream);
+    const int64_t nf_digit = i == 0 ? int64_t(nonfinite_key(dtype, key_mode) >> shift) : -1;
+    if (err == cudaSuccess) err = radix_choose(hist, shift, bits, state, i == passes - 1, nf_digit, out, stream);
   }
   return err;
 }

@@ -5,7 +5,8 @@ primitives, same results (thresholds, counts and masks identical; values compute
 same operation order). The extension takes raw data pointers, sizes and dtype codes; this wrapper
 makes inputs contiguous, allocates every output and keeps the buffers alive during the call. It
 validates nothing user-facing (``dppa_kernels.ops`` does); internal invariants are asserted.
-Threads: ``torch.get_num_threads()`` at call time.
+Threads: ``torch.get_num_threads()`` at call time; calls over fewer than 2^15 elements run on the
+calling thread (``kSerialBelow`` in ``csrc/cpu/common.h``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,30 @@ from .._C import cpu_extension
 from ..reference.dppa import HIST_BINS
 from ..reference.threshold import no_keep_key
 from ..spec import COMBINES, DIVISORS, ELECTS
-from .base import ApplyPlan, Backend
+from .base import ApplyPlan, Backend, NonFiniteInput
 
 _KINDS = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
 _TIE_MODES = {"exact_k": 0, "ge": 1, "gt": 2}
 
 
+def _nthreads() -> int:
+    """Threads offered to the extension (it uses one for calls below its SERIAL_BELOW elements)."""
+    return torch.get_num_threads()
+
+
+_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
 def _code(dtype: torch.dtype) -> int:
-    codes = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-    assert dtype in codes, f"CPU backend dtype must be bf16, fp16 or fp32, got {dtype}"
-    return codes[dtype]
+    assert dtype in _CODES, f"CPU backend dtype must be bf16, fp16 or fp32, got {dtype}"
+    return _CODES[dtype]
+
+
+def _int64_cpu(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous int64 CPU tensor (itself when it already is one)."""
+    if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to(device="cpu", dtype=torch.int64).contiguous()
+    return t
 
 
 def _part_len(shape, n: int, partition: str, block_size) -> int:
@@ -61,28 +76,30 @@ class CpuBackend(Backend):
         return self._ext.module
 
     # ------------------------------------------------------------------ select / histogram
-    def select(self, x, k, partition, block_size, key_dtype):
+    def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         kd = key_dtype or x.dtype
         x = x.contiguous()
         n = x.numel()
         length = _part_len(tuple(x.shape), n, partition, block_size)
         parts = _parts(n, length) if n else (1 if partition == "tensor" else 0)
-        tau = torch.full((parts,), no_keep_key(kd), dtype=torch.int64)
-        above = torch.zeros(parts, dtype=torch.int64)
-        eq = torch.zeros(parts, dtype=torch.int64)
+        out = torch.zeros(3, parts, dtype=torch.int64)  # one allocation: small calls are common
+        tau, above, eq = out[0], out[1], out[2]
+        tau.fill_(no_keep_key(kd))
         if n == 0 or parts == 0:
             return tau, above, eq
-        k = k.to(device="cpu", dtype=torch.int64).contiguous()
+        k = _int64_cpu(k)
         assert k.numel() == parts, f"k has {k.numel()} entries for {parts} partitions"
-        self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
-                       above.data_ptr(), eq.data_ptr(), torch.get_num_threads())
+        nonfinite = self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
+                                   above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
+        if check_finite and nonfinite:
+            raise NonFiniteInput((0,))
         return tau, above, eq
 
     def histogram(self, x, stats_dtype):
         x = x.contiguous()
         out = torch.zeros(HIST_BINS, dtype=torch.int64)
         self._m.histogram(x.data_ptr(), _code(x.dtype), x.numel(), _code(stats_dtype), out.data_ptr(),
-                          torch.get_num_threads())
+                          _nthreads())
         return out
 
     # ------------------------------------------------------------------ apply / abs_sums
@@ -105,11 +122,10 @@ class CpuBackend(Backend):
             d.K = levels
             d.factors = [float(f) for f in plan.factors]
             for field in ("tau_key", "budget", "c_eq") if plan.tie_mode == "exact_k" else ("tau_key",):
-                t = getattr(plan, field).to(device="cpu", dtype=torch.int64).contiguous()
+                t = _int64_cpu(getattr(plan, field))
                 assert t.numel() == parts * levels, f"plan.{field} has {t.numel()} entries, expected {parts}x{levels}"
                 keep.append(t)
                 setattr(d, "tau" if field == "tau_key" else field, t.data_ptr())
-            d.needs_rank = plan.needs_tie_rank()
         elif plan.kind == "dare":
             d.k1, d.k2, d.thr32 = int(plan.k1), int(plan.k2), int(plan.thr32)
         elif plan.kind == "mask":
@@ -122,10 +138,10 @@ class CpuBackend(Backend):
     def abs_sums(self, delta, plan):
         keep: list = []
         d = self._desc(delta, plan, keep)
-        before, after = self._m.abs_sums(d, delta.numel(), torch.get_num_threads())
+        before, after = self._m.abs_sums(d, delta.numel(), _nthreads())
         return float(before), float(after)
 
-    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+    def apply(self, deltas, base, plans, weights, combine, out_dtype, *, check_finite=()):
         assert len(deltas) == len(plans) == len(weights) and len(deltas) >= 1
         shape, n = deltas[0].shape, deltas[0].numel()
         keep: list = []
@@ -149,7 +165,10 @@ class CpuBackend(Backend):
             assert base.numel() == n, f"base has {base.numel()} elements, deltas {n}"
             base_ptr, base_code = base.data_ptr(), _code(base.dtype)
         out = torch.empty(shape, dtype=out_dtype)
-        self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, torch.get_num_threads())
+        # a NaN/Inf result: some checked input is non-finite (the others are known finite), or fp32 overflowed
+        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, bool(check_finite),
+                         _nthreads()):
+            raise NonFiniteInput(check_finite)
         return out
 
     # ------------------------------------------------------------------ DELLA
@@ -163,5 +182,5 @@ class CpuBackend(Backend):
         out = torch.empty(delta.shape, dtype=torch.bool)
         self._m.della_mask(delta.data_ptr(), _code(delta.dtype), delta.numel(), cols, float(density),
                            float(epsilon), int(k1), int(k2), out.view(torch.uint8).data_ptr(),
-                           torch.get_num_threads())
+                           _nthreads())
         return out

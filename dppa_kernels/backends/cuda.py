@@ -2,10 +2,12 @@
 
 * ``select``, one large partition (``tensor``, or a few blocks of >= 1 M elements): grid-wide radix
   select driven on the device; 16-bit keys: one pass with a 32768-bin shared-memory histogram per
-  CTA (≈ one read); fp32 keys: three passes (11/11/9-bit digits). Extra memory: 256 KB + 32 B.
+  CTA (≈ one read); fp32 keys: three passes (11/11/9-bit digits). Extra memory: 256 KB + 40 B.
 * ``select``, many partitions (rows, blocks): one CTA per partition, 8-bit-digit radix in shared
   memory (2 passes for 16-bit keys, 4 for fp32 keys, re-reading the partition from L2). Extra memory:
-  the 3 × P int64 output and k on the device.
+  the 4 × P int64 output and k on the device.
+* NaN/Inf (``check_finite``): both selects count the non-finite keys in their first pass (from the
+  histogram, or one compare per element read) and return the count with the result.
 * ``histogram``: the same one-pass 32768-bin kernel (256 KB output).
 * ``apply`` / ``abs_sums``: the fused Triton kernels when triton is available, else the torch backend
   (the merge pass is elementwise: CUDA C++ would not beat the Triton kernel by much).
@@ -25,7 +27,7 @@ import threading
 import torch
 
 from .._C import cuda_extension
-from .base import Backend
+from .base import Backend, NonFiniteInput
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 HIST_BINS = 32768
@@ -75,7 +77,7 @@ class CudaBackend(Backend):
 
     # -- select / histogram: CUDA C++ -------------------------------------------------------
 
-    def select(self, x, k, partition, block_size, key_dtype):
+    def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         mode, nbits = _key_mode(x.dtype, key_dtype)
         part_len, n_parts = _partitions(x, partition, block_size)
         n = x.numel()
@@ -87,26 +89,32 @@ class CudaBackend(Backend):
         with torch.cuda.device(x.device):
             stream = torch.cuda.current_stream(x.device).cuda_stream
             if n_parts <= _MAX_BIG_PARTS and (n_parts == 1 or part_len >= _BIG_PART):
-                out = torch.zeros(n_parts, 3, dtype=torch.int64, device=x.device)
+                # rows: τ, c_above, c_eq, NaN/Inf keys (counted by the select's first pass)
+                out = torch.zeros(n_parts, 4, dtype=torch.int64, device=x.device)
                 hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=x.device)  # read as uint64
-                state = torch.zeros(4, dtype=torch.int64, device=x.device)
+                state = torch.zeros(5, dtype=torch.int64, device=x.device)
                 esize = x.element_size()
                 for p in range(n_parts):
                     start = p * part_len
                     length = min(part_len, n - start)
                     kp = int(k[p])
-                    if kp <= 0:
+                    if kp <= 0 and not check_finite:
                         out[p, 0] = 1 << nbits
                         continue
-                    ext.select_tensor(x.data_ptr() + start * esize, length, _DTYPE[x.dtype], mode, kp,
+                    # k = 0 under the check: a k = 1 select reads the partition; only its count is kept
+                    ext.select_tensor(x.data_ptr() + start * esize, length, _DTYPE[x.dtype], mode, max(kp, 1),
                                       hist.data_ptr(), state.data_ptr(), out[p].data_ptr(), stream)
+                    if kp <= 0:
+                        out[p, :3] = torch.tensor([1 << nbits, 0, 0], device=x.device)
                 res = out.cpu().t()  # the result must reach the host
             else:
                 kd = k.to(x.device)
-                out = torch.empty(3, n_parts, dtype=torch.int64, device=x.device)
+                out = torch.empty(4, n_parts, dtype=torch.int64, device=x.device)
                 ext.select_partitions(x.data_ptr(), n, part_len, n_parts, _DTYPE[x.dtype], mode, kd.data_ptr(),
-                                      out.data_ptr(), stream)
+                                      bool(check_finite), out.data_ptr(), stream)
                 res = out.cpu()
+        if check_finite and bool(res[3].any()):
+            raise NonFiniteInput((0,))
         return res[0].contiguous(), res[1].contiguous(), res[2].contiguous()
 
     def histogram(self, x, stats_dtype):
@@ -136,8 +144,8 @@ class CudaBackend(Backend):
                     self._fallback = TorchBackend()
             return self._fallback
 
-    def apply(self, deltas, base, plans, weights, combine, out_dtype):
-        return self._elementwise().apply(deltas, base, plans, weights, combine, out_dtype)
+    def apply(self, deltas, base, plans, weights, combine, out_dtype, *, check_finite=()):
+        return self._elementwise().apply(deltas, base, plans, weights, combine, out_dtype, check_finite=check_finite)
 
     def abs_sums(self, delta, plan):
         return self._elementwise().abs_sums(delta, plan)

@@ -12,7 +12,7 @@ import torch
 from ..reference import rng
 from ..reference.dppa import HIST_BINS
 from ..reference.threshold import magnitude_keys, no_keep_key
-from .base import ApplyPlan, Backend
+from .base import ApplyPlan, Backend, NonFiniteInput, nonfinite_key
 
 
 def _partition_index(n: int, shape, partition: str, block_size) -> tuple[torch.Tensor, int]:
@@ -41,7 +41,7 @@ class TorchBackend(Backend):
     def supports(self, device):
         return True
 
-    def select(self, x, k, partition, block_size, key_dtype):
+    def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         kd = key_dtype or x.dtype
         keys = magnitude_keys(x, kd).reshape(-1)
         length, parts = _partition_index(keys.numel(), x.shape, partition, block_size)
@@ -50,6 +50,8 @@ class TorchBackend(Backend):
             return torch.full((parts,), no_keep_key(kd), dtype=torch.int64), z, z.clone()
         k2d = _as_2d(keys, length, parts, -1)  # padding sorts below every real key
         srt = torch.sort(k2d, dim=1, descending=True).values
+        if check_finite and bool((srt[:, 0] >= nonfinite_key(kd)).any()):  # each partition's largest key
+            raise NonFiniteInput((0,))
         kk = k.to(keys.device)
         idx = (kk - 1).clamp(min=0).unsqueeze(1)
         tau = srt.gather(1, idx).squeeze(1)
@@ -97,11 +99,12 @@ class TorchBackend(Backend):
         f = self._factor(delta, plan).to(torch.float64)
         return float(d.abs().sum()), float((d * f).abs().sum())
 
-    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+    def apply(self, deltas, base, plans, weights, combine, out_dtype, *, check_finite=()):
         vals = []
         for d, plan in zip(deltas, plans):
             v = d.reshape(-1).to(torch.float32) * self._factor(d, plan) * float(plan.scale)
             vals.append(v)
+
         v = torch.stack(vals)
         w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=v.device).unsqueeze(1)
         weighted = v * w
@@ -133,4 +136,8 @@ class TorchBackend(Backend):
         shape = deltas[0].shape
         if base is not None:
             mixed = base.reshape(-1).to(torch.float32) + mixed
+        # every non-finite input leaves a NaN/Inf in the fp32 result (NaN·0 and Inf·0 are NaN, a
+        # NaN vote agrees with nothing yet adds v·0): one sum of it shows them all
+        if check_finite and not bool(torch.isfinite(mixed.sum())):
+            raise NonFiniteInput(check_finite)
         return mixed.to(out_dtype).reshape(shape)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .base import Backend
+from .base import Backend, NonFiniteInput
 
 
 def _import_kernels():
@@ -60,17 +60,29 @@ class TritonBackend(Backend):
         device = torch.device(device)
         return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
-    def select(self, x, k, partition, block_size, key_dtype):
+    def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         with _guard(x):
-            return self._mods[0].select(x, k, partition, block_size, key_dtype)
+            res = self._mods[0].select(x, k, partition, block_size, key_dtype, check_finite=check_finite)
+        if check_finite:
+            if int(res[3]):
+                raise NonFiniteInput((0,))
+            return res[:3]
+        return res
 
     def histogram(self, x, stats_dtype):
         with _guard(x):
             return self._mods[1].histogram(x, stats_dtype)
 
-    def apply(self, deltas, base, plans, weights, combine, out_dtype):
+    def apply(self, deltas, base, plans, weights, combine, out_dtype, *, check_finite=()):
         with _guard(deltas[0]):
-            return self._mods[2].apply(deltas, base, plans, weights, combine, out_dtype)
+            res = self._mods[2].apply(deltas, base, plans, weights, combine, out_dtype, check_finite=check_finite)
+        if not check_finite:
+            return res
+        out, counts = res
+        bad = [i for i in check_finite if int(counts[i])]
+        if bad:
+            raise NonFiniteInput(bad)
+        return out
 
     def abs_sums(self, delta, plan):
         with _guard(delta):

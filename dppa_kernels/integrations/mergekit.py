@@ -30,7 +30,9 @@ broken by index instead of by sort order. DARE/DELLA draw from our counter-hash 
 (seed, tensor name, model index), so they match mergekit only statistically but are reproducible
 across task orders, devices and ``--multi-gpu``; the seed is ``install(seed=...)``, which
 ``dppa-mergekit-yaml`` sets from ``--random-seed`` (default 0). Inputs of a dtype our kernels do
-not take (fp64) and groups without a base go to mergekit's own code.
+not take (fp64), groups without a base, and groups for which autograd records (grad enabled and an
+input requiring grad, e.g. ``merge_state_dicts`` on modules) go to mergekit's own code; ``dppa``
+has no mergekit code, so it runs on the differentiable in-package reference there.
 
 Devices: tensors arrive on mergekit's math device (``--cuda``, ``--read-to-gpu``,
 ``--low-cpu-memory``, possibly as non-contiguous views); our ops pick the backend by device and
@@ -42,15 +44,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Any, Optional
 
 import torch
 
 from ..methods import METHODS, preset
-from ..ops import merge_deltas
-from ._deps import require
-from .mergekit_dppa import DPPATable, active_table, dppa_spec_params, prepare_dppa, set_dppa_table
+from ..ops import merge_prepared
+from ._deps import records_grad, require
+from .mergekit_dppa import (DPPATable, active_table, call_table, dppa_spec_params, in_memory_call, in_memory_table,
+                            prepare_dppa, set_dppa_table)
 
 __all__ = ["install", "uninstall", "is_installed", "installed", "run_merge", "prepare_dppa",
            "set_dppa_table", "DPPATable", "GTA_NAMES"]
@@ -86,10 +90,11 @@ def _preset_name(sparsifier: str) -> str:
     return next(n for n, (sp, *_) in METHODS.items() if sp == sparsifier and n != "linear")
 
 
-@contextlib.contextmanager
 def _no_autocast(device: torch.device):
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+    """Autocast off for our call (mergekit's own executor already turns it off: then a no-op)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _build_classes():
@@ -106,26 +111,26 @@ def _build_classes():
         def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
             base, entries = group.base, group.non_base
             if base is None or not entries or base.tensor.dtype not in _FAST_DTYPES \
-                    or any(e.tensor.dtype != base.tensor.dtype for e in entries):
+                    or any(e.tensor.dtype != base.tensor.dtype for e in entries) \
+                    or records_grad(e.tensor for e in group.entries):
                 return super().merge_group(group, **parameters)
             sp = self.sparsification_method
             sparsifier = _SPARSIFIERS[None if sp is None else getattr(sp, "value", sp)]
             consensus = self.consensus_method
-            m = len(entries)
-            p = {"weight": [parameters["weight"][e.id] for e in entries],
-                 "density": [_density(parameters["density"][e.id], sparsifier) for e in entries],
+            p = {"weight": tuple(float(parameters["weight"][e.id]) for e in entries),
+                 "density": tuple(_density(parameters["density"][e.id], sparsifier) for e in entries),
                  "normalize": bool(parameters["normalize"]), "rescale": bool(parameters["rescale"]),
                  "lambda": float(parameters["lambda"])}
             for key in ("gamma", "epsilon"):
                 if key in parameters:
-                    p[key] = [float(parameters[key][e.id]) for e in entries]
+                    p[key] = tuple(float(parameters[key][e.id]) for e in entries)
             if sparsifier == "della":
                 _check_della(p["density"], p["epsilon"])
             if consensus is not None:
                 p["elect"] = "count" if getattr(consensus, "value", consensus) == "count" else "weighted_sum"
-            weights, specs, combine = preset(_preset_name(sparsifier), m, p)
-            combine = dataclasses.replace(combine, combine="ties" if consensus is not None else "sum")
-            return _merge(group, specs, weights, combine)
+            weights, specs, combine = _gta_plan(sparsifier, consensus is not None, len(entries),
+                                                tuple(sorted(p.items())))
+            return _merge(group, specs, weights, combine, grad=False)
 
     class DPPAMerge(mm.GroupMergeMethod):
         """DPPA (bands with per-unit DP densities from the pre-pass table) inside mergekit."""
@@ -146,6 +151,16 @@ def _build_classes():
                 contract=InputContract(base=BasePolicy.REQUIRED),
             )
 
+        def __call__(self, groups, /, **kwargs: Any):
+            # the in-memory entry point (merge_state_dicts, merge_tensors): every tensor is at hand
+            with in_memory_call():
+                return super().__call__(groups, **kwargs)
+
+        def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
+            table = in_memory_table(self.method_name, groups, parameters, input_dtypes, backend=_state["backend"])
+            with call_table(table):
+                return super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
+
         def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
             base, entries = group.base.tensor, group.non_base
             if not entries:
@@ -164,6 +179,15 @@ def _build_classes():
     return _state["classes"]
 
 
+@functools.lru_cache(maxsize=1024)
+def _gta_plan(sparsifier: str, ties: bool, m: int, items: tuple):
+    """(weights, specs, combine) of a GTA method's parameters (``items``: sorted (key, value) pairs,
+    lists as tuples); cached, since a model's tensors mostly share their parameters."""
+    p = {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+    weights, specs, combine = preset(_preset_name(sparsifier), m, p)
+    return tuple(weights), tuple(specs), dataclasses.replace(combine, combine="ties" if ties else "sum")
+
+
 def _density(d: float, sparsifier: str) -> float:
     d = float(d)
     # mergekit: density >= 1 keeps everything and (magnitude) <= 0 keeps nothing
@@ -177,14 +201,19 @@ def _check_della(densities, epsilons) -> None:
                              f"got density={d}, epsilon={e}")
 
 
-def _merge(group, specs, weights, combine) -> torch.Tensor:
+def _merge(group, specs, weights, combine, grad: Optional[bool] = None) -> torch.Tensor:
+    """The merge on our kernels; ``grad`` (None: find out) sends it to the differentiable reference."""
     base = group.base.tensor
     # Δ in the working dtype, exactly as mergekit forms it (entries are already dtype-aligned)
     deltas = [e.tensor - base for e in group.non_base]
+    if grad is None:
+        grad = records_grad(e.tensor for e in group.entries)
+    # the in-package reference is differentiable and takes float64: it serves what the kernels cannot
+    slow = grad or base.dtype not in _FAST_DTYPES
     with _no_autocast(base.device):
-        return merge_deltas(deltas, base, specs=specs, weights=weights, combine=combine,
-                            seed=int(_state["seed"]), name=group.metadata.name or "",
-                            out_dtype=base.dtype, check_finite=False, backend=_state["backend"])
+        return merge_prepared(deltas, base, specs, weights, combine, seed=int(_state["seed"]),
+                              name=group.metadata.name or "", out_dtype=base.dtype,
+                              backend="reference" if slow else _state["backend"])
 
 
 def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> None:

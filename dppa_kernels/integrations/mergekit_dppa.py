@@ -18,20 +18,30 @@ prune, see ``methods.nonunit_spec``), ``unit_pattern``, ``layer_pattern``, ``com
 They must be plain values (no per-tensor filters or layer gradients: mergekit would read a list
 as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
 parameters. Only ``models:`` configs are supported (slices may map a tensor to another layer).
+
+In-memory calls (``mergekit.merge_methods.merge_state_dicts``, ``merge_tensors``, calling the
+method object) hand every tensor over at once, so without an active pre-pass table the statistics
+come from those tensors (:func:`in_memory_table`, with a warning): DP allocates between the unit
+tensors among them (each model's level is its ``density`` parameter, else the default levels). A
+file-based ``run_merge`` without the pre-pass still fails: it sees one tensor at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
-from ..reference.naming import unit_layer
+from ..ops import dp_densities, tensor_histogram
+from ..reference.naming import group_units, unit_layer
 from . import dppa_stats
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +56,9 @@ _PER_MODEL_KEYS = _LEVEL_KEYS + ("alphas",)
 
 _lock = threading.Lock()
 _active: dict = {"table": None}
+# per call (context-local, so concurrent merges in other threads never see it)
+_in_memory = contextvars.ContextVar("dppa_in_memory_call", default=False)
+_call_table = contextvars.ContextVar("dppa_call_table", default=None)
 
 
 @dataclass
@@ -117,6 +130,7 @@ def dppa_spec_params(ParameterSpec, ParameterScope) -> tuple:
     the values used are the pre-pass's, read from the same config)."""
     shared = ParameterScope.SHARED
     return (
+        ParameterSpec("density", Optional[float], ParameterScope.NON_BASE, default=None),
         ParameterSpec("offset_lambda", float, shared, default=0.08),
         ParameterSpec("outlier_mult_layer", float, shared, default=3.0),
         ParameterSpec("outlier_mult_unit", float, shared, default=5.0),
@@ -135,7 +149,7 @@ def set_dppa_table(table: Optional[DPPATable]) -> None:
 
 
 def active_table(method: str) -> DPPATable:
-    table = _active["table"]
+    table = _call_table.get() or _active["table"]
     if table is None:
         raise RuntimeError(
             f"merge method {method!r} inside mergekit needs the DPPA statistics pre-pass: run "
@@ -238,4 +252,88 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
              len(table.alphas), nbytes / 1e6, table.cost["seconds"])
     if activate:
         set_dppa_table(table)
+    return table
+
+
+@contextlib.contextmanager
+def in_memory_call():
+    """Marks a call whose groups hold every tensor to merge (the in-memory API)."""
+    token = _in_memory.set(True)
+    try:
+        yield
+    finally:
+        _in_memory.reset(token)
+
+
+@contextlib.contextmanager
+def call_table(table: Optional[DPPATable]):
+    """Make ``table`` the one this call's merge_group reads (None: leave things as they are)."""
+    if table is None:
+        yield
+        return
+    token = _call_table.set(table)
+    try:
+        yield
+    finally:
+        _call_table.reset(token)
+
+
+def _shared(parameters: list, key: str) -> Any:
+    """A whole-model setting, which must be the same for every tensor group."""
+    values = {repr(p[key]) for p in parameters}
+    if len(values) > 1:
+        raise ValueError(f"dppa: {key} is a whole-model setting and must not vary between tensors, got "
+                         f"{sorted(values)}")
+    return parameters[0][key]
+
+
+def in_memory_table(method: str, groups, parameters: list, input_dtypes, *, backend: str = "auto"
+                    ) -> Optional[DPPATable]:
+    """The statistics pre-pass over in-memory tensor groups (mergekit ``TensorGroup`` s with bound
+    parameters), when this is an in-memory call and no pre-pass table is active; else None.
+
+    Units are the groups whose name and shape make them one (``reference.naming``); Δ = entry −
+    base in the group's merge dtype; DP allocates between those units, per model.
+    """
+    if not _in_memory.get() or _active["table"] is not None or not groups:
+        return None
+    settings = {k: _shared(parameters, k) for k in _SPEC_KEYS}
+    if settings["stats_dtype"] not in _DTYPES:
+        raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
+    nonunit = _shared(parameters, "nonunit_mode")
+    if nonunit not in NONUNIT_MODES:
+        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
+    dp = {k: float(_shared(parameters, k)) for k in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit")}
+    stats_dtype = _DTYPES[settings["stats_dtype"]]
+    named = [(g, p, dt) for g, p, dt in zip(groups, parameters, input_dtypes) if g.base is not None]
+    layers = group_units({g.metadata.name or "": tuple(g.base.tensor.shape) for g, _, _ in named})
+    table = DPPATable(settings=settings, nonunit_mode=nonunit, units=dict(layers), method_for_combine=method)
+    ids = list(dict.fromkeys(e.id for g, _, _ in named for e in g.non_base))
+    for mid in ids:
+        given = {repr(p["density"].get(mid)) for g, p, _ in named if any(e.id == mid for e in g.non_base)}
+        if len(given) > 1:
+            raise ValueError(f"dppa: model {mid!r}'s density is a whole-model level and must not vary "
+                             f"between tensors, got {sorted(given)}")
+        d = next(p["density"].get(mid) for g, p, _ in named if any(e.id == mid for e in g.non_base))
+        levels = tuple(DPPA_DEFAULTS["densities"]) if d is None else (float(d),)
+        hists = {}
+        with torch.no_grad():
+            for g, _, dt in named:
+                name = g.metadata.name or ""
+                entry = next((e for e in g.non_base if e.id == mid), None)
+                if name in layers and entry is not None:
+                    dt = dt or torch.promote_types(entry.tensor.dtype, g.base.tensor.dtype)
+                    delta = entry.tensor.to(dt) - g.base.tensor.to(dt)
+                    hists[name] = tensor_histogram(delta, stats_dtype=stats_dtype, check_finite=False,
+                                                   backend=backend)
+        unit_layers = {n: layers[n] for n in hists}
+        alloc = dp_densities(hists, densities=levels, layers=unit_layers, stats_dtype=stats_dtype, **dp)
+        for name in unit_layers:
+            table.densities[(str(mid), name)] = tuple(float(x) for x in alloc.densities[name])
+        table.levels[str(mid)] = levels
+        table.alphas[str(mid)] = default_alphas(len(levels))
+    warnings.warn(f"{method}: no DPPA statistics pre-pass is active; the statistics come from the {len(named)} "
+                  f"tensor(s) of this call ({len(layers)} DPPA unit(s) among them, the rest merged with "
+                  f"nonunit_mode {nonunit!r}). Run prepare_dppa(config, options) for whole-model statistics.",
+                  stacklevel=2)
     return table

@@ -36,7 +36,7 @@ import torch
 from ..ops import merge_deltas
 from ..ops import prune as _dk_prune
 from ..spec import CombineSpec, SparsifySpec
-from ._deps import require
+from ._deps import records_grad, require
 
 __all__ = ["prune", "magnitude_based_pruning", "random_pruning", "calculate_majority_sign_mask",
            "disjoint_merge", "task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties",
@@ -85,8 +85,7 @@ def _needs_peft(tensors, weights=None, grad: bool = True) -> bool:
     if any(t.dtype != tensors[0].dtype or t.shape != tensors[0].shape or t.device != tensors[0].device
            for t in tensors):
         return True
-    ts = tensors + ([weights] if isinstance(weights, torch.Tensor) else [])
-    return grad and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    return grad and records_grad(tensors + [weights])
 
 
 def _draw_seed() -> int:

@@ -8,15 +8,16 @@ Typical use with a Llama/Mistral/Qwen2 model::
     ...
     pat.set_step(model, n)                           # or trainer callback pat.PATCallback()
     loss = task_loss + pat.sparsity_loss(model) + pat.identity_loss(model)
-    ...
-    pat.binarize(model)                              # hard mask, keep_i <=> W_M,i > 0
+    ...                                              # (pat.PATTrainer does all of this)
+    pat.binarize(model)                              # hard mask, d' legal for the architecture
     small = pat.fold(model)                          # smaller dense model, same HF class
     small.save_pretrained(path)
 
 Importing this package never imports triton (the HSM op falls back to the torch reference);
-``PATCallback`` imports transformers on first access.
+``PATCallback`` and ``PATTrainer`` import transformers on first access.
 """
 
+from .data import ALPACA_TEMPLATE, ResponseOnlyCollator, load_jsonl, tokenize_pairs
 from .fold import fold, verify
 from .hsm import HSM, OFFICIAL_RANK, resolve_rank
 from .mask import UnifiedMask
@@ -34,14 +35,16 @@ from .prepare import (
     set_step,
     sparsity_loss,
 )
+from .recipe import RECIPE, Recipe, add_lora, lora_config
 from .reference import hsm_ref
 from .schedule import MaskSchedule
 
 __all__ = [
-    "HSM", "MaskSchedule", "OFFICIAL_RANK", "PATCallback", "UnifiedMask", "binarize", "fold",
-    "get_mask", "hsm", "hsm_ref", "hsms", "identity_loss", "mark_trainable", "num_active",
-    "pat_parameters", "prepare", "remove", "resolve_rank", "select_backend", "set_step",
-    "sparsity_loss", "triton_status", "verify",
+    "ALPACA_TEMPLATE", "HSM", "MaskSchedule", "OFFICIAL_RANK", "PATCallback", "PATTrainer",
+    "RECIPE", "Recipe", "ResponseOnlyCollator", "UnifiedMask", "add_lora", "binarize", "fold",
+    "get_mask", "hsm", "hsm_ref", "hsms", "identity_loss", "load_jsonl", "lora_config",
+    "mark_trainable", "num_active", "pat_parameters", "prepare", "remove", "resolve_rank",
+    "select_backend", "set_step", "sparsity_loss", "tokenize_pairs", "triton_status", "verify",
 ]
 
 
@@ -50,4 +53,8 @@ def __getattr__(name):
         from .callback import PATCallback
 
         return PATCallback
+    if name == "PATTrainer":
+        from .trainer import PATTrainer
+
+        return PATTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Where the residual stream is written and read in Llama-family Hugging Face models (PAT.md §2)."""
+"""Where the residual stream is written and read in Llama-family Hugging Face models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact fold of a PAT-tuned model into a physically smaller dense model (PAT.md §7).
+"""Exact fold of a PAT-tuned model into a physically smaller dense model.
 
 With keep = {i : W_M,i > 0} (the binarised mask), d′ = |keep|, c = √(d/d′), all in fp32:
 
@@ -31,11 +31,18 @@ from torch import nn
 from .arch import ATTN_IN, MLP_IN
 from .hsm import HSM
 from .prepare import _prepared
+from .widths import folded_config, width_error
 
-try:  # skips the random init of weights that are overwritten anyway
-    from transformers.initialization import no_init_weights as _no_init
-except Exception:  # pragma: no cover - older transformers
-    _no_init = nullcontext
+
+
+def _no_init():
+    """Skips the random init of weights that are overwritten anyway (imported here: the CLI
+    imports this module on every command, and transformers costs about a second to import)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except Exception:  # pragma: no cover - older transformers
+        return nullcontext()
+    return no_init_weights()
 
 
 def _lora_delta(mod: nn.Module, name: str) -> torch.Tensor:
@@ -122,33 +129,18 @@ class _Writer:
 
 
 def _folded_config(hf: nn.Module, st, d_new: int, exact_eps: bool, dtype: torch.dtype):
-    cfg = copy.deepcopy(hf.config)
-    d = cfg.hidden_size
-    attn = st.layers[0].self_attn
-    cfg.head_dim = int(attn.head_dim)  # from the module, never guessed (official bug B3)
-    cfg.num_attention_heads = int(cfg.num_attention_heads)
-    cfg.num_key_value_heads = int(getattr(cfg, "num_key_value_heads", None)
-                                  or cfg.num_attention_heads)
-    cfg.hidden_size = d_new
-    cfg.tie_word_embeddings = False
-    if exact_eps:
-        cfg.rms_norm_eps = cfg.rms_norm_eps * d / d_new
-    cfg.dtype = dtype
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except Exception as exc:  # e.g. transformers 5 LlamaConfig: hidden_size % heads == 0
-            cause = getattr(exc, "__cause__", None) or exc
-            raise ValueError(
-                f"the folded config (hidden_size d'={d_new}) is rejected by {type(cfg).__name__}: "
-                f"{cause}; choose d' with pat.binarize(model, multiple_of=k), e.g. "
-                f"k = num_attention_heads = {cfg.num_attention_heads}") from exc
-    return cfg
+    head_dim = int(st.layers[0].self_attn.head_dim)
+    why = width_error(hf.config, head_dim, d_new)
+    if why is not None:
+        raise ValueError(f"the folded config (hidden_size d'={d_new}) is rejected: {why}; "
+                         "binarise with the defaults (pat.binarize(model) picks a legal d') or "
+                         f"with multiple_of=k, e.g. k = num_attention_heads = "
+                         f"{hf.config.num_attention_heads}")
+    return folded_config(hf.config, head_dim, d_new, exact_eps, dtype)
 
 
 def verify(folded: nn.Module, model: nn.Module, input_ids: torch.Tensor) -> float:
-    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids`` (PAT.md §7)."""
+    """max|logits_folded − logits_masked| / max|logits_masked| on ``input_ids``."""
     with torch.no_grad():
         ref = model(input_ids=input_ids).logits.float()
         got = folded(input_ids=input_ids.to(next(folded.parameters()).device)).logits.float()
@@ -161,10 +153,10 @@ def fold(model: nn.Module, *, dtype: Optional[torch.dtype] = None, exact_eps: bo
     PAT model (see the module docstring). ``model`` must be prepared and binarised
     (``pat.binarize``); it is left unchanged. ``dtype``: dtype of the result (default: the source
     embedding's dtype); all arithmetic is fp32. ``exact_eps=False`` keeps ε as the official fold
-    does (error ~ ε relative). d′ is the binarised keep count: to round it to a multiple of
-    8/64/128 use ``pat.binarize(model, multiple_of=...)`` before folding. With ``verify_ids``
-    (token ids [B, T]) the fp32 folded model is checked against the hard-masked model before the
-    final cast: a relative logit error above ``verify_rtol`` raises RuntimeError.
+    does (error ~ ε relative). d′ is the binarised keep count (``pat.binarize`` picks one the
+    architecture accepts; ``multiple_of=`` rounds it to a multiple of 8/64/128 instead). With
+    ``verify_ids`` (token ids [B, T]) the fp32 folded model is checked against the hard-masked
+    model before the final cast: a relative logit error above ``verify_rtol`` raises RuntimeError.
     """
     st = _prepared(model)
     mask = st.backbone.pat_mask

@@ -15,10 +15,15 @@ OFFICIAL_RANK = 200  # the official code hard-codes r = 200 (`eff`) for Llama-2-
 
 
 def resolve_rank(rank: Union[int, str], d: int) -> int:
-    """``"auto"`` → max(1, round(0.05·d)) (the paper's "≈ 5 % of d"; the official code uses 200
-    for d = 4096/5120, see ``OFFICIAL_RANK``); an int must be in [1, d]."""
+    """``"auto"`` → min(200, max(1, round(0.05·d))); an int must be in [1, d].
+
+    Why this rule: the paper states "≈ 5 % of d" but every Llama-family run it reports (and the
+    official code, which hard-codes it) uses r = 200 = ``OFFICIAL_RANK``: d = 4096 (5 % would be
+    205), 5120 (256) and 7168 (358). Capping 5 % of d at 200 gives exactly the published rank for
+    those models and keeps small models at ≈ 5 % of d (d = 1024 → 51, d = 64 → 3), where 200 would
+    exceed d. (Gemma's HIO-300 is not followed: Gemma is not a supported family.)"""
     if rank == "auto":
-        return max(1, round(0.05 * d))
+        return min(OFFICIAL_RANK, max(1, round(0.05 * d)))
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int or 'auto', got {rank!r}")
     if not 1 <= rank <= d:
@@ -27,14 +32,14 @@ def resolve_rank(rank: Union[int, str], d: int) -> int:
 
 
 class HSM(nn.Module):
-    """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add (PAT.md §3).
+    """out = s ⊙ m ⊙ (y + y L0ᵀ L1ᵀ), inserted before a residual add.
 
     L0 ∈ R^{r×d} (Kaiming-uniform, a = √5, as nn.Linear), L1 ∈ R^{d×r} (zeros), s ∈ R^d (ones), so
     D = I at initialisation. Variants by ``identity_loss``: ``"code"`` (default: with the scale s),
     ``"paper"`` (D = I + L1 diag(v) L0 with v ∈ R^r = 0 and L1 with random orthonormal columns,
     no s) and ``"none"`` (no s, no v; the ablation without identity loss). Parameters are fp32.
     ``out_dtype`` (default None: y's dtype) chooses the residual precision: torch.float32 makes the
-    residual stream fp32 from this HSM on (what the official code did silently, PAT.md §9); the
+    residual stream fp32 from this HSM on (what the official code did silently); the
     model's Linear layers then need autocast, as in the official bf16-autocast recipe.
     """
 

@@ -1,7 +1,8 @@
-"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d for all HSMs (PAT.md §4)."""
+"""Unified sparsification mask (USM): one trainable proxy W_M ∈ R^d for all HSMs."""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -9,7 +10,10 @@ from torch import nn
 
 from .schedule import MaskSchedule
 
+logger = logging.getLogger(__name__)
+
 COUNT_LOSSES = ("code", "paper")
+FAR = 0.1  # a soft gate farther than this from its hard 0/1 value counts as not polarised
 
 
 def ste_step(w: torch.Tensor) -> torch.Tensor:
@@ -64,9 +68,13 @@ class UnifiedMask(nn.Module):
         """The gate m ∈ R^d (fp32) at the current step; differentiable in W_M unless frozen."""
         if self.hard_keep is not None:
             return self.hard_keep.to(device=self.weight.device, dtype=self.weight.dtype)
+        return self.soft_gate()
+
+    def soft_gate(self) -> torch.Tensor:
+        """The scheduled gate at the current step, whether or not the mask is binarised."""
         n, sch = self.step, self.schedule
         w = self.weight.detach() if (n > 0 and sch.frozen(n)) else self.weight
-        # torch.clamp passes no gradient where it clamps, as required (PAT.md §4)
+        # torch.clamp passes no gradient where it clamps, as required
         return torch.sigmoid(torch.clamp(sch.tau(n) * w, min=sch.clamp_min)) + sch.beta(n)
 
     def count_loss(self) -> torch.Tensor:
@@ -97,12 +105,31 @@ class UnifiedMask(nn.Module):
         return int((self.weight.detach() > 0).sum())
 
     @torch.no_grad()
-    def binarize(self, multiple_of: Optional[int] = None) -> None:
-        """Freeze the gate to a hard 0/1 mask: keep_i ⇔ W_M,i > 0.
+    def polarization_report(self) -> dict:
+        """How far the soft gate (at the current step) is from the hard 0/1 mask keep_i ⇔ W_M,i > 0:
+        ``n_far`` channels differ by more than ``FAR``, ``max_gap`` / ``mean_gap`` of
+        |m_soft − m_hard|, and the median |W_M| (polarisation drives it to 0.5)."""
+        w = self.weight.detach()
+        soft = self.soft_gate().detach().float()
+        gap = (soft - (w > 0).float()).abs()
+        return {"n_far": int((gap > FAR).sum()), "d": int(w.numel()),
+                "max_gap": float(gap.max()), "mean_gap": float(gap.mean()),
+                "median_abs_w": float(w.abs().median())}
 
-        Raises on exact zeros of W_M (PAT.md §4: the STE counts them as kept, the export predicate
-        as dropped). With ``multiple_of`` (e.g. 8, 64, 128), d′ is rounded to the nearest multiple
-        (≥ multiple_of, < d) by keeping the d′ largest W_M; fold and masked model then agree.
+    @torch.no_grad()
+    def binarize(self, multiple_of: Optional[int] = None, *, width: Optional[int] = None) -> dict:
+        """Freeze the gate to a hard 0/1 mask and return what was chosen.
+
+        Default: keep_i ⇔ W_M,i > 0. ``width`` (d′): keep the ``width`` largest W_M instead (used
+        by ``pat.binarize`` to reach a width the architecture accepts). ``multiple_of`` (e.g. 8,
+        64, 128): d′ = the nearest multiple (≥ multiple_of, < d) of the count, largest W_M kept.
+        Ties among equal W_M go to the lower index (``torch.topk`` order is not relied on).
+
+        Raises on exact zeros of W_M (the STE counts them as kept, the export predicate
+        as dropped), and when W_M keeps no channel or all of them (an untrained mask). Logs a
+        warning with the numbers when the soft gate is not polarised (any channel more than
+        ``FAR`` from its hard value): the hard-masked model then differs from the trained one.
+        Returns {"count": #{W_M > 0}, "width": d′, "polarization": ``polarization_report()``}.
         """
         w = self.weight.detach()
         d = w.numel()
@@ -111,20 +138,38 @@ class UnifiedMask(nn.Module):
             raise ValueError(f"the mask proxy W_M has {zeros} exact zeros (of {d}); the "
                              "kept/dropped decision is ambiguous there (train the mask first)")
         keep = w > 0
+        count = int(keep.sum())
+        if count in (0, d):
+            raise ValueError(f"binarisation keeps {count} of {d} channels; a fold needs "
+                             "0 < d' < d (is the mask trained?)")
+        if multiple_of is not None and width is not None:
+            raise ValueError("pass either multiple_of or width, not both")
         if multiple_of is not None:
             if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
                 raise ValueError(f"multiple_of must be a positive int or None, got {multiple_of!r}")
             if multiple_of >= d:
                 raise ValueError(f"multiple_of must be < hidden size {d}, got {multiple_of}")
-            k = int(keep.sum())
             q = multiple_of
-            k = min(max(round(k / q), 1) * q, (d - 1) // q * q)
+            width = min(max(round(count / q), 1) * q, (d - 1) // q * q)
+        if width is not None:
+            if isinstance(width, bool) or not isinstance(width, int) or not 0 < width < d:
+                raise ValueError(f"width must be an int in [1, {d - 1}], got {width!r}")
+            # stable descending order: equal scores keep the lower channel index
+            order = torch.sort(w, descending=True, stable=True).indices
             keep = torch.zeros_like(keep)
-            keep[torch.topk(w, k, sorted=False).indices] = True
-        if not bool(keep.any()) or bool(keep.all()):
-            raise ValueError(f"binarisation keeps {int(keep.sum())} of {d} channels; a fold needs "
-                             "0 < d' < d (is the mask trained?)")
+            keep[order[:width]] = True
+        report = {"count": count, "width": int(keep.sum()),
+                  "polarization": self.polarization_report()}
+        pol = report["polarization"]
+        if pol["n_far"]:
+            logger.warning(
+                "binarize: the mask is not polarised: %d of %d soft gates are more than %.1f from "
+                "0/1 (max |soft - hard| %.3f, mean %.3f; median |W_M| %.3g, polarised is 0.5), so "
+                "the hard-masked model differs from the trained one; train longer or give the mask "
+                "a larger learning rate", pol["n_far"], d, FAR, pol["max_gap"], pol["mean_gap"],
+                pol["median_abs_w"])
         self.hard_keep = keep
+        return report
 
     def unbinarize(self) -> None:
         """Return to the soft, scheduled gate."""

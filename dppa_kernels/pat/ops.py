@@ -92,7 +92,7 @@ def _check(name: str, t: Optional[torch.Tensor], shape: tuple, device: torch.dev
 def hsm(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.Tensor],
         m: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
         out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
-    """HSM forward with autograd (PAT.md §3, §9 K1/K2):
+    """HSM forward with autograd:
 
         out = s ⊙ m ⊙ (y + (y L0ᵀ) L1ᵀ)  [+ residual]
 

@@ -1,6 +1,6 @@
 """Insert HSMs and the shared mask into a Hugging Face Llama-family model, without forking it.
 
-Placement (PAT.md §2, 2L + 1 HSMs): forward hooks on ``embed_tokens``, on every ``self_attn`` (its
+Placement (2L + 1 HSMs): forward hooks on ``embed_tokens``, on every ``self_attn`` (its
 first output is the ``o_proj`` output) and on every ``mlp`` (the ``down_proj`` output). The hooks
 rewrite those outputs before the decoder layer adds them to the residual stream, so the stream is a
 sum of masked tensors. Hooking the parents, not the Linear layers, lets PEFT wrap q/k/v/o/gate/up/
@@ -13,6 +13,7 @@ Module names: ``<backbone>.pat_mask`` (W_M), ``<backbone>.pat_hsm_embed``,
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Optional, Union
 
 import torch
@@ -22,6 +23,9 @@ from .arch import Structure, resolve
 from .hsm import HSM, resolve_rank
 from .mask import UnifiedMask
 from .schedule import MaskSchedule
+from .widths import nearest_legal_width, width_error
+
+logger = logging.getLogger(__name__)
 
 _HANDLES = "_pat_hook_handles"
 
@@ -59,9 +63,11 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
 
     Args:
         model: a Llama/Mistral/Qwen2 ``*ForCausalLM`` or ``*Model``, optionally a PEFT model.
-        keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1).
-        rank: HIO rank r, or ``"auto"`` = max(1, round(0.05·d)) (the official code uses 200).
-        schedule: mask schedule (defaults of PAT.md §4); or give only ``total_steps``.
+        keep: N_target = d′, channels to keep (int in [1, d−1]) or a fraction of d in (0, 1);
+            moved to the nearest hidden size the model's config class accepts (logged).
+        rank: HIO rank r, or ``"auto"`` = min(200, max(1, round(0.05·d))): 200 for d = 4096 as in
+            the official recipe, ≈ 5 % of d for small models (``resolve_rank``).
+        schedule: mask schedule (the official code's defaults); or give only ``total_steps``.
         count_loss, count_weight, polarization: mask losses (``UnifiedMask``).
         identity_loss: ``"code"`` (scale s, default), ``"paper"`` (diag(v)) or ``"none"``.
         backend: HSM op backend, ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -80,6 +86,17 @@ def prepare(model: nn.Module, keep: Union[int, float], rank: Union[int, str] = "
     d = st.hidden_size
     target = _resolve_keep(keep, d)
     r = resolve_rank(rank, d)
+    # Train towards a width the architecture accepts (transformers 5's LlamaConfig, e.g., needs
+    # d' % num_attention_heads == 0): the count loss then lands where binarize keeps the mask's
+    # own choice, instead of adding or dropping channels after training. Raises when no d' < d
+    # is foldable at all.
+    legal = nearest_legal_width(st.hf_model.config, int(st.layers[0].self_attn.head_dim), target,
+                                d, prefer=keep * d if isinstance(keep, float) else target)
+    if legal != target:
+        (logger.info if isinstance(keep, float) else logger.warning)(
+            "prepare: %d kept channels is not a hidden size %s accepts; the mask's target is "
+            "d'=%d instead", target, type(st.hf_model.config).__name__, legal)
+        target = legal
     if schedule is not None and total_steps is not None:
         raise ValueError("pass either schedule or total_steps, not both")
     if schedule is None:
@@ -163,11 +180,38 @@ def set_step(model: nn.Module, step: int) -> None:
     mask.step = step
 
 
-def binarize(model: nn.Module, multiple_of: Optional[int] = None) -> nn.Module:
-    """Switch the shared mask to its hard 0/1 form (inference, export); see
-    ``UnifiedMask.binarize``."""
-    get_mask(model).binarize(multiple_of)
-    return model
+def binarize(model: nn.Module, multiple_of: Optional[int] = None) -> dict:
+    """Switch the shared mask to its hard 0/1 form (inference, export) and return what was chosen.
+
+    Default: d′ = the folded hidden size nearest to the mask's count #{W_M > 0} that the model's
+    config class accepts (e.g. transformers 5's LlamaConfig needs d′ % num_attention_heads == 0;
+    ties go to the one nearer the mask's target), keeping the d′ highest-scoring (largest W_M)
+    channels, so that ``pat.fold`` always succeeds. When d′ differs from the count this is logged.
+    ``multiple_of=k`` overrides that: d′ = the nearest multiple of k (the caller then answers for
+    its legality). Warns when the mask is not polarised (see ``UnifiedMask.binarize``).
+
+    Returns {"count", "width", "rule", "polarization"}: the mask's own count, the chosen d′, why
+    it was chosen, and the soft-vs-hard gate numbers.
+    """
+    st = _prepared(model)
+    mask = st.backbone.pat_mask
+    d = mask.weight.numel()
+    if multiple_of is not None:
+        report = mask.binarize(multiple_of)
+        report["rule"] = f"multiple_of={multiple_of}"
+        return report
+    count = int((mask.weight.detach() > 0).sum())
+    width, rule = None, "count of W_M > 0"
+    head_dim = int(st.layers[0].self_attn.head_dim)
+    why = width_error(st.hf_model.config, head_dim, count) if 0 < count < d else None
+    if why is not None:
+        width = nearest_legal_width(st.hf_model.config, head_dim, count, d, prefer=mask.target)
+        rule = f"nearest accepted width ({why})"
+        logger.warning("binarize: the mask keeps %d channels, but %s; folding to d'=%d (the %d "
+                       "largest W_M kept)", count, why, width, width)
+    report = mask.binarize(width=width)
+    report["rule"] = rule
+    return report
 
 
 def num_active(model: nn.Module) -> int:
@@ -189,7 +233,7 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def sparsity_loss(model: nn.Module) -> torch.Tensor:
-    """Mask loss: count loss (+ polarisation), PAT.md §4. Add it to the task loss once per step."""
+    """Mask loss: count loss (+ polarisation). Add it to the task loss once per step."""
     return get_mask(model).sparsity_loss()
 
 
@@ -197,7 +241,7 @@ IDENTITY_SCOPES = ("all", "official")
 
 
 def identity_loss(model: nn.Module, scope: str = "all") -> torch.Tensor:
-    """Σ_h identity loss of HSM h (PAT.md §5). ``scope="all"`` sums all 2L + 1 HSMs (default);
+    """Σ_h identity loss of HSM h. ``scope="all"`` sums all 2L + 1 HSMs (default);
     ``"official"`` reproduces the official code's bug B1 (embedding HSM + the last layer's two)."""
     if scope not in IDENTITY_SCOPES:
         raise ValueError(f"scope must be one of {IDENTITY_SCOPES}, got {scope!r}")

@@ -10,7 +10,7 @@ import torch
 def hsm_ref(y: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor, s: Optional[torch.Tensor],
             m: torch.Tensor, residual: Optional[torch.Tensor] = None, *,
             upcast: bool = False, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """HSM forward, differentiable by autograd (PAT.md §3):
+    """HSM forward, differentiable by autograd:
 
         u = y L0ᵀ,  z = y + u L1ᵀ,  out = s ⊙ m ⊙ z  [+ residual]
 

@@ -1,4 +1,4 @@
-"""Temperature/offset schedule of PAT's unified sparsification mask (PAT.md §4).
+"""Temperature/offset schedule of PAT's unified sparsification mask.
 
 Step convention: ``n`` is the index of the optimizer update that the current forward/backward
 contributes to, counted from 1 (HF Trainer: ``state.global_step + 1`` at ``on_step_begin``).
@@ -63,7 +63,10 @@ class MaskSchedule:
                              "pat.prepare / MaskSchedule (the trainer callback sets it from "
                              "max_steps)")
         if n0 < 2:
-            raise ValueError(f"the mask schedule length n0 must be >= 2 (ln(n0) divides), got {n0}")
+            raise ValueError(f"the mask schedule length n0 must be >= 2 (ln(n0) divides), got {n0}"
+                             + ("" if self.n0 is not None else
+                                f" from total_steps={self.total_steps} (n0 = "
+                                f"{self.s0_fraction:.3g}·total_steps): train for more steps"))
         return n0
 
     @property
