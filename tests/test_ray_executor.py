@@ -199,3 +199,15 @@ def test_a_task_error_is_one_clear_error(cluster, family, tmp_path):
     assert not os.path.exists(tmp_path / "out")
     with open(calls) as f:
         assert 1 <= len(f.read()) <= 2  # never retried (two shards may have started)
+
+
+@pytest.mark.parametrize("device, gpus, want", [("cpu", None, 0), ("cuda:1", None, 1), ("cuda", 0.5, 0.5)])
+def test_a_cuda_task_asks_for_its_gpus(device, gpus, want):
+    """With --device cuda each task asks Ray for ``gpus_per_worker`` GPUs (default 1) and runs on
+    the one Ray gives it (``cuda``, whatever index the driver named)."""
+    from dppa_kernels.engine.executor import MergeJob
+    from dppa_kernels.engine.ray_tasks import worker_job
+
+    job = MergeJob(plan=None, tmp="/x", shard_names=[], device=device, backend="torch")
+    assert RayExecutor(gpus_per_worker=gpus, cpus_per_worker=2)._resources(job) == {"num_cpus": 2, "num_gpus": want}
+    assert worker_job(job).device == ("cpu" if device == "cpu" else "cuda")

@@ -41,7 +41,15 @@ def node_name() -> str:
     return f"{socket.gethostname()} ({ip})"
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss would carry the peak of a process it was exec-ed from)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -101,7 +109,7 @@ def timed(kind: str, index: int, fn: Callable, *args):
     nbytes = 0
     if isinstance(out, ShardResult):
         nbytes = os.path.getsize(os.path.join(args[0].tmp, out.file))
-    return out, TaskTiming(kind, index, node_name(), os.getpid(), t0, time.time(), _peak_rss_mib(), nbytes)
+    return out, TaskTiming(kind, index, node_name(), os.getpid(), t0, time.time(), peak_rss_mib(), nbytes)
 
 
 def shard_task(job: MergeJob, i: int, unit: Optional[Callable] = None) -> tuple[ShardResult, TaskTiming]:
