@@ -8,6 +8,8 @@ each Ray worker's peak RSS, the Ray start-up and warm-up costs, and the per-task
 shard or statistics group ran in which worker process, when). Rows go to
 ``bench/results/ray_cpu.csv`` and the timeline to ``bench/results/ray_timeline_cpu.csv``, with the
 machine's load average; the summary prints each Ray run's wall time over the local executor's.
+A control run, ``local-omp1``, is the local executor with one OpenMP thread (on a loaded machine
+two spinning OpenMP threads can cost more than they give, which would flatter Ray's 1-CPU tasks).
 
 The output is split into shards of ``--shard-size`` (default 100M: six shards of this family, as
 a 70B model has ~28 shards at the default 5B), so that there is per-shard work to spread.
@@ -32,7 +34,10 @@ sys.path.insert(0, HERE)
 import bench_e2e as E  # noqa: E402  (the family, its configs, the machine's description)
 
 RESULTS = os.path.join(HERE, "results")
-RUNS = [("local", None), ("ray", 1), ("ray", 2)]
+# (label, executor, Ray workers, extra environment): "local-omp1" is a control, the local executor
+# with one OpenMP thread: on a loaded machine two spinning OpenMP threads can cost more than they give
+RUNS = [("local", "local", None, {}), ("local-omp1", "local", None, {"OMP_NUM_THREADS": "1"}),
+        ("ray", "ray", 1, {}), ("ray", "ray", 2, {})]
 
 
 def child(args) -> None:
@@ -125,21 +130,21 @@ def main() -> None:
     for method in args.methods.split(","):
         cfg = E.config(os.path.join(args.workdir, f"{method}-L{args.layers}.yaml"), method, base, fts)
         for rep in range(args.repeat):
-            for executor, workers in RUNS:
-                out = os.path.join(args.workdir, f"out-{method}-{executor}{workers or ''}")
+            for label, executor, workers, env in RUNS:
+                out = os.path.join(args.workdir, f"out-{method}-{label}{workers or ''}")
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--executor", executor, "--workers",
                        str(workers or 1), "--config", cfg, "--out", out, "--shard-size", str(args.shard_size)]
                 load = os.getloadavg()[0]
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
                 shutil.rmtree(out, ignore_errors=True)
                 if r.returncode:
                     print(r.stderr[-3000:], file=sys.stderr)
                     continue
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-                run = f"{method}-{executor}{workers or ''}-{rep}"
+                run = f"{method}-{label}{workers or ''}-{rep}"
                 workers_rss = sorted(res["worker_rss_mib"].values())
                 row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), run=run, method=method,
-                           executor=executor, workers=workers or 0, params_m=round(E.n_params(args.layers) / 1e6, 1),
+                           executor=label, workers=workers or 0, params_m=round(E.n_params(args.layers) / 1e6, 1),
                            shard_size=args.shard_size, wall_s=round(res["wall_s"], 2),
                            ray_startup_s=round(res["startup_s"], 2), ray_warmup_s=round(res["warmup_s"], 2),
                            driver_rss_mib=round(res["driver_rss_mib"]),
@@ -149,7 +154,7 @@ def main() -> None:
                 E.append_row(args.csv, row)
                 for t in res["timeline"]:
                     E.append_row(args.timeline_csv, dict(run=run, date=row["date"], **t))
-                walls.setdefault((method, executor, workers), []).append(res["wall_s"])
+                walls.setdefault((method, label, workers), []).append(res["wall_s"])
                 print(f"{run:>18}: merge {res['wall_s']:.1f} s (ray start {res['startup_s']:.1f} s, warm-up "
                       f"{res['warmup_s']:.1f} s), driver RSS {row['driver_rss_mib']} MiB, workers "
                       f"{row['worker_rss_mib'] or '-'} MiB, two tasks at once for {row['parallel_s']} s, "
@@ -158,11 +163,12 @@ def main() -> None:
                     print(gantt(res["timeline"]), flush=True)
     from statistics import median
 
-    for (method, executor, workers), w in sorted(walls.items(), key=str):
-        local = walls.get((method, "local", None))
-        if executor == "ray" and local:
-            print(f"{method}: ray x{workers} / local = {median(w) / median(local):.2f} "
-                  f"({median(w):.1f} s / {median(local):.1f} s)")
+    for (method, label, workers), w in sorted(walls.items(), key=str):
+        for base in ("local", "local-omp1"):
+            ref = walls.get((method, base, None))
+            if label == "ray" and ref:
+                print(f"{method}: ray x{workers} / {base} = {median(w) / median(ref):.2f} "
+                      f"({median(w):.1f} s / {median(ref):.1f} s)")
 
 
 if __name__ == "__main__":

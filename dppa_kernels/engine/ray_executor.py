@@ -184,12 +184,18 @@ class RayExecutor(Executor):
         groups: dict = {}
         for t in units:
             groups.setdefault(t.shard, []).append(t.name)
-        hists: dict = {i: {} for i in range(len(job.plan.models))}
-
-        def gather(part: dict) -> None:
-            for i, per_unit in part.items():
-                hists[i].update(per_unit)
-
         calls = [(k, names, sdtype) for k, names in sorted(groups.items())]
+        # one block for every histogram, as in the in-process pass; each task's block is copied in
+        names = [n for _, group, _ in calls for n in group]
+        first, j = {}, 0
+        for k, group, _ in calls:
+            first[k], j = j, j + len(group)
+        block = torch.zeros((len(job.plan.models), len(names), 32768), dtype=torch.int32)
+
+        def gather(part: tuple) -> None:
+            k, hist = part
+            block[:, first[k]:first[k] + hist.shape[1]].copy_(hist)
+
         self._run(ray_tasks.statistics_task, calls, job, gather, "phase 1/2 statistics (ray)")
+        hists = {i: {n: block[i, j] for j, n in enumerate(names)} for i in range(len(job.plan.models))}
         return hists, False

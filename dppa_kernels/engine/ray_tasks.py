@@ -78,15 +78,15 @@ def input_files(job: MergeJob) -> list:
     return [(s.label, p, os.path.getsize(p)) for s in job.sources() for p in s.files()]
 
 
-def unit_histograms(job: MergeJob, names: Sequence[str], sdtype: torch.dtype) -> dict:
-    """DPPA's statistics of the unit tensors ``names``: {model index: {unit: int32 histogram}},
-    counted here by the in-process pass on a copy of the plan that holds only these units (so
-    the histogram block is sized for them)."""
+def unit_histograms(job: MergeJob, names: Sequence[str], sdtype: torch.dtype) -> torch.Tensor:
+    """DPPA's statistics of the unit tensors ``names``: one int32 block [model, unit, bin], counted
+    by the in-process pass on a copy of the plan that holds only these units. One contiguous
+    tensor goes back (a dict of views would serialise their shared storage once per view)."""
     wanted = set(names)
     units = [t for t in job.plan.tasks if t.name in wanted]
     sub = dataclasses.replace(job, plan=dataclasses.replace(job.plan, tasks=units))
     hists, _ = SerialExecutor().statistics(sub, units, sdtype=sdtype, keep=set())
-    return hists
+    return torch.stack([torch.stack([hists[i][n] for n in names]) for i in range(len(job.plan.models))])
 
 
 @dataclasses.dataclass
@@ -117,5 +117,7 @@ def shard_task(job: MergeJob, i: int, unit: Optional[Callable] = None) -> tuple[
     return timed("shard", i, unit or execute_shard, job, i)
 
 
-def statistics_task(job: MergeJob, k: int, names: Sequence[str], sdtype: torch.dtype) -> tuple[dict, TaskTiming]:
-    return timed("statistics", k, unit_histograms, job, names, sdtype)
+def statistics_task(job: MergeJob, k: int, names: Sequence[str], sdtype: torch.dtype) -> tuple[tuple, TaskTiming]:
+    """((k, histogram block of the units ``names``), timing): group ``k`` of DPPA's statistics."""
+    hist, timing = timed("statistics", k, unit_histograms, job, names, sdtype)
+    return (k, hist), timing
