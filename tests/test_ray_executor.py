@@ -211,3 +211,30 @@ def test_a_cuda_task_asks_for_its_gpus(device, gpus, want):
     job = MergeJob(plan=None, tmp="/x", shard_names=[], device=device, backend="torch")
     assert RayExecutor(gpus_per_worker=gpus, cpus_per_worker=2)._resources(job) == {"num_cpus": 2, "num_gpus": want}
     assert worker_job(job).device == ("cpu" if device == "cpu" else "cuda")
+
+
+def test_a_statistics_task_returns_its_histograms_once(family, tmp_path):
+    """A histogram task's result serialises to about its histograms' bytes (128 KiB per unit and
+    model), not once per unit (views of one block would each carry the whole block)."""
+    import math
+    import pickle
+
+    import torch
+
+    from dppa_kernels.engine.config import load_config
+    from dppa_kernels.engine.executor import MergeJob
+    from dppa_kernels.engine.inputs import open_inputs
+    from dppa_kernels.engine.plan import build_plan
+    from dppa_kernels.engine.ray_tasks import statistics_task
+
+    cfg, _ = load_config(_config(family, "dppa"))
+    with open_inputs(cfg) as inputs:
+        plan = build_plan(cfg, inputs.base, inputs.models, out_dtype=None, shard_size=G.SHARD, truncate_vocab=False)
+        names = [t.name for t in plan.tasks if t.unit]
+        job = MergeJob(plan, str(tmp_path), [], "cpu", "cpu")
+        (k, block), timing = statistics_task(job, 3, names, torch.bfloat16)
+    assert k == 3 and timing.kind == "statistics" and len(names) > 10
+    assert block.shape == (3, len(names), 32768) and block.dtype == torch.int32
+    numel = {t.name: math.prod(t.shape) for t in plan.tasks}
+    assert all(int(block[i, j].sum()) == numel[n] for i in range(3) for j, n in enumerate(names))  # every element
+    assert len(pickle.dumps((k, block))) < 1.05 * block.numel() * 4
