@@ -16,6 +16,7 @@ a 70B model has ~28 shards at the default 5B), so that there is per-shard work t
 
     python bench/bench_ray.py                           # ties and dppa: local, ray x1, ray x2
     python bench/bench_ray.py --methods ties --repeat 3
+    python bench/bench_ray.py --omp1          # every process with one OpenMP thread (a loaded machine)
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--methods", default="ties,dppa")
     ap.add_argument("--shard-size", type=int, default=100_000_000)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--omp1", action="store_true",
+                    help="every run (the drivers too) with OMP_NUM_THREADS=1: a fair comparison on a loaded machine")
     ap.add_argument("--csv", default=os.path.join(RESULTS, "ray_cpu.csv"))
     ap.add_argument("--timeline-csv", default=os.path.join(RESULTS, "ray_timeline_cpu.csv"))
     args = ap.parse_args()
@@ -135,7 +138,8 @@ def main() -> None:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--executor", executor, "--workers",
                        str(workers or 1), "--config", cfg, "--out", out, "--shard-size", str(args.shard_size)]
                 load = os.getloadavg()[0]
-                r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+                env = {**os.environ, **env, **({"OMP_NUM_THREADS": "1"} if args.omp1 else {})}
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 shutil.rmtree(out, ignore_errors=True)
                 if r.returncode:
                     print(r.stderr[-3000:], file=sys.stderr)
@@ -145,7 +149,8 @@ def main() -> None:
                 workers_rss = sorted(res["worker_rss_mib"].values())
                 row = dict(date=dt.datetime.now().isoformat(timespec="seconds"), run=run, method=method,
                            executor=label, workers=workers or 0, params_m=round(E.n_params(args.layers) / 1e6, 1),
-                           shard_size=args.shard_size, wall_s=round(res["wall_s"], 2),
+                           shard_size=args.shard_size, omp_threads=env.get("OMP_NUM_THREADS", "default"),
+                           wall_s=round(res["wall_s"], 2),
                            ray_startup_s=round(res["startup_s"], 2), ray_warmup_s=round(res["warmup_s"], 2),
                            driver_rss_mib=round(res["driver_rss_mib"]),
                            worker_rss_mib=" ".join(str(round(x)) for x in workers_rss),
