@@ -35,7 +35,7 @@ GOLDEN = G.load_golden()["dppa_merge"]
 def cluster():
     """A 2-CPU local cluster for the module; yields its address (other drivers may join it)."""
     assert not ray.is_initialized()
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test units run on workers
     yield ctx.address_info["address"]
     ray.shutdown()

@@ -83,8 +83,8 @@ class RayExecutor(Executor):
         t = time.perf_counter()
         kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         try:
-            if self.address is None:
-                ray.init(num_cpus=self.workers, **kw)
+            if self.address is None:  # "local": a new cluster even where `ray start` runs one
+                ray.init(address="local", num_cpus=self.workers, **kw)
             else:
                 ray.init(address=self.address, **kw)
         except Exception as exc:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, ValueError...)
