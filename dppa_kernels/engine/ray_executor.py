@@ -14,6 +14,7 @@ driver gathers the histograms and allocates once. See ``docs/ray.md``.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -75,8 +76,6 @@ class RayExecutor(Executor):
 
     def connect(self) -> None:
         """Join (or start) the cluster once per process."""
-        import time
-
         ray = self.ray
         if ray.is_initialized():
             return
@@ -112,7 +111,7 @@ class RayExecutor(Executor):
         probe = ray.remote(ray_tasks.probe_node)
         refs = [probe.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(files, job.tmp) for n in nodes]
-        for node, problems in zip(nodes, ray.get(refs)):
+        for node, problems in zip(nodes, [self._get(r) for r in refs]):
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 name = f"{node.get('NodeManagerHostname', '?')} ({node.get('NodeManagerAddress', '?')})"
