@@ -18,6 +18,7 @@ import sys
 
 FP64_NO_FMA = "f64"  # marker: the PTX must round every fp64 mul and add (kernels.della)
 FP32_NO_FMA = "f32"  # marker: the PTX must round every fp32 mul, add and div (kernels.apply)
+LOADS_THEN_BARRIER = "barrier"  # marker: every global load precedes a CTA barrier, every store follows it
 
 
 def _cases():
@@ -36,7 +37,7 @@ def _cases():
     yield (S._window_update_kernel,
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
-           dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16))
+           dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16), {"num_warps": 4}, LOADS_THEN_BARRIER)
     for xt, mode in (("*fp16", 0), ("*fp32", 2)):
         yield H._hist15_kernel, {"X_ptr": xt, "n": "i64", "H_ptr": "*i64"}, dict(KEY_MODE=mode, BLOCK=1024)
     # apply: TIES of 3 magnitude-pruned bf16 deltas (one ranked per-row level), DPPA bands, DARE+mask
@@ -89,6 +90,19 @@ def check_rounding(ptx: str, width: str) -> None:
             raise AssertionError(f"{op} missing from the PTX of a kernel that must round every {width} operation")
 
 
+def check_loads_then_barrier(ttgir: str) -> None:
+    """Every ``tt.load`` comes before a ``gpu.barrier`` that comes before every ``tt.store``: a kernel
+    that resets the state it read (``kernels.select`` window update) must not let one warp store
+    before another has loaded (their thread layouts differ)."""
+    lines = ttgir.splitlines()
+    loads = [i for i, ln in enumerate(lines) if "tt.load " in ln]
+    stores = [i for i, ln in enumerate(lines) if "tt.store " in ln]
+    barriers = [i for i, ln in enumerate(lines) if "gpu.barrier" in ln]
+    if loads and stores and not any(max(loads) < b < min(stores) for b in barriers):
+        raise AssertionError("a global store is not separated from the loads by a CTA barrier "
+                             "(tl.debug_barrier() after the last load)")
+
+
 def fused_fp64_fma_count(sm: int = 90) -> int:
     """fma.rn.f64 in the PTX of the DELLA sort kernel compiled *with* fp fusion (triton's default).
 
@@ -124,7 +138,9 @@ def compile_all(sm: int = 90, only: str = "") -> int:
         full.update({k: "constexpr" for k in consts})
         src = ASTSource(fn, full, constexprs=consts)
         k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=opts)
-        if len(case) > 4:
+        if len(case) > 4 and case[4] == LOADS_THEN_BARRIER:
+            check_loads_then_barrier(k.asm["ttgir"])
+        elif len(case) > 4:
             check_rounding(k.asm["ptx"], case[4])
         count += 1
     return count

@@ -116,6 +116,10 @@ def _window_update_kernel(K_ptr, LO_ptr, SHIFT_ptr, DONE_ptr, ABOVE_ptr, HIST_pt
     bins = tl.arange(0, NBINS)
     hptr = HIST_ptr + p[:, None] * NBINS + bins[None, :]
     hist = tl.load(hptr, mask=ok[:, None], other=0)
+    # Every warp must have read ABOVE/HIST before one of them resets it: the compiler gives the
+    # loads and the stores different thread layouts (a value is read by several warps, stored by
+    # one), and without this barrier a late warp read the zeros and picked a wrong bin.
+    tl.debug_barrier()
     tl.store(hptr, tl.zeros_like(hist), mask=ok[:, None])
     tl.store(ABOVE_ptr + p, tl.zeros_like(above), mask=ok)
 
