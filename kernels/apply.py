@@ -39,12 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vocab import DIVISOR_CODES, ELECT_CODES, PLAN_KIND_CODES, partition_geometry
 from .common import hash_bits, interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 HDR = tl.constexpr(8)  # int64 header of a model's metadata: L, P, C, k1, k2, thr32, -, -
-KIND = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
-ELECT = {"weighted_sum": 0, "count": 1, "sum": 2, "frequency": 3}
-DIVISOR = {"weights": 0, "count": 1, "none": 2}
 ALL_TIES = 1 << 62  # budget meaning "keep every tie" (tie_mode ge)
 # launch options of every kernel here: fp32 rounds like torch (module docstring, "Arithmetic")
 LAUNCH = {"num_warps": 8, "enable_fp_fusion": False}
@@ -229,7 +227,7 @@ class _Model:
 
     def __init__(self, delta: torch.Tensor, plan, n_chunks: int):
         n = delta.numel()
-        self.kind = KIND[plan.kind]
+        self.kind = PLAN_KIND_CODES[plan.kind]
         self.key_mode, self.nlev, self.ranked, self.part = 0, 1, 0, 0
         header = [n, 1, n_chunks, 0, 0, 0, 0, 0]
         body = torch.zeros(0, dtype=torch.int64)
@@ -238,12 +236,8 @@ class _Model:
             self.key_mode, _ = key_mode(delta.dtype, plan.key_dtype)
             tau = plan.tau_key.to(torch.int64).cpu().reshape(plan.tau_key.shape[0], -1)
             n_parts, nlev = tau.shape
-            if plan.partition == "row":
-                part_len = delta.shape[-1] if delta.dim() else 1
-            elif plan.partition == "block":
-                part_len = int(plan.block_size)
-            else:
-                part_len = max(n, 1)
+            part_len, _ = partition_geometry(delta.shape, plan.partition, plan.block_size)
+            part_len = max(part_len, 1)  # an empty tensor: one partition of "length 1" (no division by 0)
             self.part = int(n_parts > 1 or part_len < n)
             if plan.tie_mode == "ge":
                 bud = torch.full_like(tau, ALL_TIES)
@@ -337,7 +331,7 @@ def apply(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], plans, w
         M=len(deltas), KINDS=tuple(m.kind for m in models), KEY_MODES=tuple(m.key_mode for m in models),
         NLEVS=tuple(m.nlev for m in models), RANKEDS=tuple(m.ranked for m in models),
         PARTS=tuple(m.part for m in models), KMAX=kmax, COMBINE=int(combine.combine == "ties"),
-        ELECT=ELECT[combine.elect], DIVISOR=DIVISOR[combine.divisor], NORMALIZE=bool(combine.normalize),
+        ELECT=ELECT_CODES[combine.elect], DIVISOR=DIVISOR_CODES[combine.divisor], NORMALIZE=bool(combine.normalize),
         HAS_BASE=base is not None, CHECKS=checks if base is not None else checks[:-1] + (False,), BLOCK=block,
         **LAUNCH)
     # the counts are read only when asked for: an unchecked call stays free of host synchronisation

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vocab import partition_geometry
 from .common import interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 NB = 64  # bins per count pass
@@ -196,13 +197,7 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
     """
     mode, nbits = key_mode(x.dtype, key_dtype)
     n = x.numel()
-    if partition == "tensor":
-        part_len, n_parts = n, 1
-    elif partition == "row":
-        part_len = x.shape[-1] if x.dim() else 1
-        n_parts = n // part_len if part_len else 0
-    else:
-        part_len, n_parts = int(block_size), -(-n // int(block_size))
+    part_len, n_parts = partition_geometry(x.shape, partition, block_size)
     dev = x.device
     kk = k.to(device=dev, dtype=torch.int64).contiguous()  # a strided view would be misread
     # τ, c_above, c_eq per partition, then the NaN/Inf count (one row, so one copy to the host)
