@@ -25,9 +25,6 @@ def _nthreads() -> int:
     return torch.get_num_threads()
 
 
-_code = dtype_code
-
-
 def _int64_cpu(t: torch.Tensor) -> torch.Tensor:
     """t as a contiguous int64 CPU tensor (itself when it already is one)."""
     if t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous():
@@ -72,8 +69,8 @@ class CpuBackend(Backend):
             return tau, above, eq
         k = _int64_cpu(k)
         assert k.numel() == parts, f"k has {k.numel()} entries for {parts} partitions"
-        nonfinite = self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
-                                   above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
+        nonfinite = self._m.select(x.data_ptr(), dtype_code(x.dtype), n, length, dtype_code(kd), k.data_ptr(),
+                                   tau.data_ptr(), above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
         if check_finite and nonfinite:
             raise NonFiniteInput((0,))
         return tau, above, eq
@@ -81,7 +78,7 @@ class CpuBackend(Backend):
     def histogram(self, x, stats_dtype):
         x = x.contiguous()
         out = torch.zeros(HIST_BINS, dtype=torch.int64)
-        self._m.histogram(x.data_ptr(), _code(x.dtype), x.numel(), _code(stats_dtype), out.data_ptr(),
+        self._m.histogram(x.data_ptr(), dtype_code(x.dtype), x.numel(), dtype_code(stats_dtype), out.data_ptr(),
                           _nthreads())
         return out
 
@@ -94,13 +91,13 @@ class CpuBackend(Backend):
         n = delta.numel()
         d.kind = PLAN_KIND_CODES[plan.kind]
         d.data = delta.data_ptr()
-        d.dtype = _code(delta.dtype)
+        d.dtype = dtype_code(delta.dtype)
         d.scale = float(plan.scale)
         if plan.kind == "thresholds":
             length, parts = _geometry(delta.shape, plan.partition, plan.block_size)
             levels = len(plan.factors)
             d.L = length
-            d.key_dtype = _code(plan.key_dtype or delta.dtype)
+            d.key_dtype = dtype_code(plan.key_dtype or delta.dtype)
             d.tie_mode = TIE_MODE_CODES[plan.tie_mode]
             d.K = levels
             d.factors = [float(f) for f in plan.factors]
@@ -146,10 +143,10 @@ class CpuBackend(Backend):
         if base is not None:
             base = base.contiguous()
             assert base.numel() == n, f"base has {base.numel()} elements, deltas {n}"
-            base_ptr, base_code = base.data_ptr(), _code(base.dtype)
+            base_ptr, base_code = base.data_ptr(), dtype_code(base.dtype)
         out = torch.empty(shape, dtype=out_dtype)
         # a NaN/Inf result: some checked input is non-finite (the others are known finite), or fp32 overflowed
-        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, bool(check_finite),
+        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), dtype_code(out_dtype), n, bool(check_finite),
                          _nthreads()):
             raise NonFiniteInput(check_finite)
         return out
@@ -163,7 +160,7 @@ class CpuBackend(Backend):
         delta = delta.contiguous()
         cols = delta.shape[-1] if delta.dim() else 1
         out = torch.empty(delta.shape, dtype=torch.bool)
-        self._m.della_mask(delta.data_ptr(), _code(delta.dtype), delta.numel(), cols, float(density),
+        self._m.della_mask(delta.data_ptr(), dtype_code(delta.dtype), delta.numel(), cols, float(density),
                            float(epsilon), int(k1), int(k2), out.view(torch.uint8).data_ptr(),
                            _nthreads())
         return out
