@@ -93,7 +93,7 @@ def cuda_extension():
     archs = [a.strip() for a in CUDA_ARCHS.split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.c*"))
+    sources = sorted(str(p.relative_to(ROOT)) for ext in ("*.cu", "*.cpp") for p in (ROOT / "csrc" / "cuda").glob(ext))
     return CUDAExtension(
         "dppa_kernels._cuda",
         sources=sources,

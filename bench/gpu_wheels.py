@@ -53,6 +53,11 @@ WHEELS = {
 FALLBACK = {"typing-extensions": "4.16.0"}
 # Declared requirements of carried wheels that are neither carried nor in the image.
 WAIVED = {"datasets": "declared by mergekit 0.1.5 but imported by none of its modules"}
+# Optional modules that are neither in the image nor carried: what imports them skips without them.
+NOT_CARRIED = {
+    "fusion_bench": "its integration tests skip when it is absent; too large to carry (and its deps)",
+    "lm_eval": "imported only by the optional lm-eval evaluator, never by a GPU test or benchmark",
+}
 # mergekit modules run on the GPU machine besides those our code imports: mergekit-yaml's entry.
 EXTRA_MODULES = ("mergekit.scripts.run_yaml",)
 MAX_BYTES = 64 << 20  # everything that travels to the GPU machine together
@@ -198,8 +203,9 @@ def imports_of(files: list, exclude: set = frozenset(), repo: Path | None = None
 
 def third_party_imports(repo: Path = REPO) -> dict[str, list[str]]:
     """{top-level module: [file:line]} that the package, kernels, tests and benchmarks import."""
-    local = {"dppa_kernels", "kernels"} | {p.stem for d in ("tests", "bench") for p in (repo / d).glob("*.py")}
-    return imports_of(_sources(repo), local, repo)
+    local = {"dppa_kernels", "kernels", "tests", "bench"}
+    local |= {p.stem for d in ("tests", "bench") for p in (repo / d).rglob("*.py")}
+    return imports_of(_sources(repo), local | set(NOT_CARRIED), repo)
 
 
 def used_modules(prefix: str, repo: Path = REPO) -> list[str]:
