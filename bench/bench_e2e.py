@@ -38,7 +38,10 @@ MERGEKIT = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.exe
 SHAPE = dict(hidden=1024, inter=2816, vocab=32000)
 FAST = os.path.join(os.path.dirname(sys.executable), "dppa-mergekit-yaml")
 # tools: mergekit (mergekit-yaml), dppa (dppa merge), fastpath (dppa-mergekit-yaml: mergekit's CLI
-# and layout, our engine when the run is eligible)
+# and layout, our engine when the run is eligible). The family's tokenizer_config.json alone would
+# make mergekit rebuild a tokenizer with transformers, which the fast path does not reproduce: the
+# fastpath runs pass --no-copy-tokenizer (mergekit-yaml keeps its defaults).
+FAST_ARGS = ["--quiet", "--no-copy-tokenizer"]
 RUNS = [("mergekit", "ties"), ("mergekit", "task_arithmetic"), ("dppa", "ties"), ("dppa", "task_arithmetic"),
         ("dppa", "dppa"), ("fastpath", "ties")]
 
@@ -80,6 +83,21 @@ def config(path: str, method: str, base: str, fts: list) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path
+
+
+def check_fast(args: list) -> None:
+    """Stop unless dppa-mergekit-yaml takes its fast path for ``args`` (else mergekit's pipeline
+    would be timed under the fast path's name)."""
+    from dppa_kernels.integrations import mergekit_cli
+    from dppa_kernels.integrations.mergekit_fast import Unsupported, plan_fast
+
+    opts = mergekit_cli.parse_fast(args)
+    if opts is None:
+        sys.exit(f"bench_e2e: dppa-mergekit-yaml {' '.join(args)}: command line not understood by the fast path")
+    try:
+        plan_fast(opts, opts["config_file"], opts["out_path"]).inputs.close()
+    except Unsupported as exc:
+        sys.exit(f"bench_e2e: dppa-mergekit-yaml would not take its fast path: {exc}")
 
 
 def timed(cmd: list) -> tuple[float, float, int]:
@@ -194,9 +212,11 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             for _ in range(args.repeat):
                 for device in devices:
-                    if tool in ("mergekit", "fastpath"):
-                        cmd = [MERGEKIT if tool == "mergekit" else FAST, cfg, out, "--quiet"]
-                        cmd += ["--cuda"] if device == "cuda" else []
+                    if tool == "mergekit":
+                        cmd = [MERGEKIT, cfg, out, "--quiet"] + (["--cuda"] if device == "cuda" else [])
+                    elif tool == "fastpath":
+                        cmd = [FAST, cfg, out, *FAST_ARGS] + (["--cuda"] if device == "cuda" else [])
+                        check_fast(cmd[1:])
                     else:
                         cmd = [sys.executable, "-m", "dppa_kernels", "merge", cfg, "--out", out, "--no-progress",
                                "--device", device]

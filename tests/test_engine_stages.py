@@ -203,3 +203,32 @@ def test_float64_work_is_refused_by_the_plan_on_a_fast_backend(family, tmp_path,
     with pytest.raises(MergeError, match="merges in float64, which only --backend reference"):
         run_merge(cfg, MergeOptions(out=str(tmp_path / "out"), backend=backend, progress=False))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_mergekit_fast_path_runs_the_stages_without_a_yaml_round_trip(family, tmp_path, monkeypatch):
+    """dppa-mergekit-yaml's fast path plans once and runs the stages: no config written and parsed
+    again, no run_merge, no file opened for writing twice (nothing rewritten), the golden bytes."""
+    import builtins
+    import tempfile
+
+    from dppa_kernels.engine import config as config_mod
+    from dppa_kernels.engine import plan as plan_mod
+    from dppa_kernels.engine import run as run_mod
+
+    cfg = _config(family, "dare_ties")
+    for owner, name in [(run_mod, "run_merge"), (config_mod, "load_config"), (yaml, "safe_dump"), (yaml, "dump"),
+                        (tempfile, "mkstemp"), (tempfile, "NamedTemporaryFile"), (tempfile, "mkdtemp")]:
+        monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: pytest.fail(f"the fast path called {_n}"))
+    plans = _count_calls(monkeypatch, plan_mod, "build_plan")
+    real_open, written = builtins.open, []
+
+    def recording_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            written.append(os.path.abspath(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    got = G.run_mergekit_fast(cfg, str(tmp_path / "mk"))
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert got == G.load_golden()["mergekit_yaml"]["dare_ties"]
+    assert len(plans) == 1 and written and len(written) == len(set(written)), written
