@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as R
-from ..ops import merge_deltas
+from ..ops import merge_planned
 from ..spec import SparsifySpec
 from .errors import MergeError, brief, clip
 from .recipe import Recipe
@@ -17,13 +17,15 @@ STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": t
                 "fp16": torch.float16}
 
 
-def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
-                workspace: Optional[Workspace] = None) -> tuple[torch.Tensor, list]:
+def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor], workspace: Optional[Workspace] = None,
+                *, check_finite: bool = True) -> tuple[torch.Tensor, list]:
     """(base in the working dtype, Δ_i = (ft_i − base) rounded to the working dtype).
 
     The subtraction runs in float32 (float64 for float64 work), then rounds once: the same values
-    as mergekit's subtraction in the working dtype. NaN/Inf in any delta is an error. With a
-    ``workspace`` the deltas are views of its buffers (valid until the next tensor's deltas).
+    as mergekit's subtraction in the working dtype. NaN/Inf in any delta is an error: found here
+    by one reduction per delta, or with ``check_finite=False`` by the merge's own passes
+    (:func:`merge_tensor` on a fast backend). With a ``workspace`` the deltas are views of its
+    buffers (valid until the next tensor's deltas).
     """
     wd = task.work_dtype
     base = raw[0].to(wd)
@@ -36,26 +38,38 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
         out = workspace.view(i, base.shape, wd) if workspace is not None else None
         d = torch.sub(ft.to(wd), base, out=out)
         # One reduction detects NaN/Inf; the exact count runs only when it fires (or overflows).
-        if not bool(torch.isfinite(d.sum())):
-            bad = int((~torch.isfinite(d)).sum())
-            if bad:
-                raise MergeError(f"tensor {brief(task.name)}: the delta of model {brief(label)} has {bad} NaN/Inf value(s)")
+        if check_finite and not bool(torch.isfinite(d.sum())):
+            check_deltas_finite(task, labels[i:i + 1], [d])
         deltas.append(d)
         del d
     return base, deltas
 
 
+def check_deltas_finite(task, labels: Sequence[str], deltas: Sequence[torch.Tensor]) -> None:
+    """Raise the engine's error for the first delta holding NaN/Inf (an exact count)."""
+    for label, d in zip(labels, deltas):
+        bad = int((~torch.isfinite(d)).sum())
+        if bad:
+            raise MergeError(f"tensor {brief(task.name)}: the delta of model {brief(label)} has {bad} NaN/Inf value(s)")
+
+
 def merge_tensor(task, base: torch.Tensor, deltas: list, recipe: Recipe, *, seed: int, backend: str,
+                 labels: Sequence[str] = (), check_finite: bool = False,
                  plans_out: Optional[list] = None) -> torch.Tensor:
-    """The merged tensor by its (validated) recipe; ``plans_out`` receives the plans the merge
-    applied (see merge_deltas)."""
+    """The merged tensor by its recipe (validated by the plan stage) on ``backend`` (resolved by the
+    driver); ``plans_out`` receives the plans the merge applied (see merge_deltas). With
+    ``check_finite`` a fast backend finds NaN/Inf in the deltas inside its passes."""
     if recipe.mode == "base":
         return base.to(task.out_dtype)
+    check_as = None
+    if check_finite:
+        check_as = [f"deltas[{i}]" for i in range(len(deltas))] + ["base"]
     try:
-        return merge_deltas(deltas, base, specs=list(recipe.specs), combine=recipe.combine,
-                            weights=list(recipe.weights), seed=seed, name=task.name, out_dtype=task.out_dtype,
-                            check_finite=False, backend=backend, plans_out=plans_out)
+        return merge_planned(deltas, base, recipe.specs, recipe.weights, recipe.combine, seed=seed, name=task.name,
+                             out_dtype=task.out_dtype, backend=backend, plans_out=plans_out, check_as=check_as)
     except (ValueError, TypeError) as exc:
+        if check_finite:
+            check_deltas_finite(task, labels, deltas)  # the error names the model
         raise MergeError(f"tensor {brief(task.name)}: {clip(exc)}") from None
 
 

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from ..ops import dp_densities, tensor_histogram
+from ..ops import dp_densities, histogram_planned
 from ..spec import SparsifySpec
-from .compute import STATS_DTYPES, band_stats, form_deltas
+from .compute import STATS_DTYPES, band_stats, check_deltas_finite, form_deltas
 from .recipe import dppa_alphas
 from .shards import write_json_atomic
 from .workspace import Workspace
@@ -94,12 +94,17 @@ def collect(plan, stream, labels, *, backend: str, sdtype: torch.dtype, resident
     hists = {i: {} for i in range(len(plan.models))}
     kept = {}
     ws = None if resident else Workspace()
+    in_pass = backend != "reference"  # the histogram pass finds NaN/Inf in the deltas
     for task, raw in stream:
-        base, deltas = form_deltas(task, labels, raw, ws)
+        base, deltas = form_deltas(task, labels, raw, ws, check_finite=not in_pass)
         del raw
         for i, d in enumerate(deltas):
             h = buf[i, slot[task.name]]
-            h.copy_(tensor_histogram(d, stats_dtype=sdtype, check_finite=False, backend=backend))
+            try:
+                h.copy_(histogram_planned(d, sdtype, backend=backend, check_as=labels[i] if in_pass else None))
+            except ValueError:
+                check_deltas_finite(task, labels[i:i + 1], [d])  # the engine's error, naming the model
+                raise
             hists[i][task.name] = h
         if resident:
             kept[task.name] = (base, deltas)

@@ -48,10 +48,19 @@ class MergeJob:
         return [s.read(task.name, pin=pin, mapped=not pin) for s in self.sources()]
 
 
-def merge_task(job: MergeJob, task, base: torch.Tensor, deltas: list) -> tuple[torch.Tensor, Optional[dict]]:
-    """(output tensor, report row or None) of one floating tensor from its base and deltas."""
+def _checks_in_pass(job: MergeJob, task) -> bool:
+    """Whether the merge's own passes find NaN/Inf in ``task``'s deltas (a fast backend merging
+    them), so that forming the deltas needs no separate reduction."""
+    return job.backend != "reference" and task.recipe.mode != "base"
+
+
+def merge_task(job: MergeJob, task, base: torch.Tensor, deltas: list, *,
+               check_finite: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
+    """(output tensor, report row or None) of one floating tensor from its base and deltas;
+    ``check_finite``: the merge checks the deltas for NaN/Inf (they were not checked yet)."""
     plans: list = []
-    out = merge_tensor(task, base, deltas, task.recipe, seed=job.seed, backend=job.backend, plans_out=plans)
+    out = merge_tensor(task, base, deltas, task.recipe, seed=job.seed, backend=job.backend,
+                       labels=job.plan.labels, check_finite=check_finite, plans_out=plans)
     row = None
     if job.report and not task.unit:  # DPPA units: rows from the statistics pass
         row = tensor_row(task.recipe, deltas, plans, seed=job.seed, name=task.name)
@@ -62,8 +71,9 @@ def merge_raw(job: MergeJob, task, raw: list, ws: Optional[Workspace]) -> tuple[
     """(output tensor, report row or None) of one task from its raw inputs (base first)."""
     if not task.floating:
         return raw[0], None
-    base, deltas = form_deltas(task, job.plan.labels, raw, ws)
-    out, row = merge_task(job, task, base, deltas)
+    in_pass = _checks_in_pass(job, task)
+    base, deltas = form_deltas(task, job.plan.labels, raw, ws, check_finite=not in_pass)
+    out, row = merge_task(job, task, base, deltas, check_finite=in_pass)
     # the output outlives this call (a writer holds it): it must not live in the workspace
     assert ws is None or not ws.owns(out), f"tensor {task.name!r}: merge output aliases a workspace buffer"
     return out, row

@@ -68,6 +68,16 @@ class MergePlan:
     def shard_tasks(self, i: int) -> list:
         return [t for t in self.tasks if t.shard == i]
 
+    def check_backend(self, backend: str) -> None:
+        """Refuse a plan that ``backend`` cannot merge, before anything is written: the fast
+        backends compute in float32 and take no float64 tensor (the reference does)."""
+        if backend == "reference":
+            return
+        for t in self.tasks:
+            if t.floating and t.work_dtype == torch.float64 and (t.unit or t.recipe.mode != "base"):
+                raise MergeError(f"tensor {brief(t.name)} merges in float64, which only --backend reference "
+                                 f"supports (backend {backend} computes in float32)")
+
     def set_unit_densities(self, densities: dict) -> None:
         """DPPA: each unit's recipe at its allocated densities ({model index: {unit: levels}})."""
         for t in self.tasks:

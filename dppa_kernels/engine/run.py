@@ -128,6 +128,7 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
     with open_inputs(cfg, allow_pickle=opts.allow_pickle, allow_crimes=opts.allow_crimes) as inputs:
         plan = build_plan(cfg, inputs.base, inputs.models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
                           truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
+        plan.check_backend(backend)
         check_side_files(side_sources(inputs.base.path, inputs.tokenizer))
         fingerprint = _fingerprint(cfg, plan, opts)  # reads every input file: before anything is created
         with output_lock(opts.out):
