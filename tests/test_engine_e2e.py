@@ -168,7 +168,7 @@ def test_dppa_resident_equals_streamed_and_nonunit_modes(fam, tmp_path):
     b, ds = deltas_of(base_sd, ft_sds, emb)
     res = {}
     for mode in ("base", "official", "prune"):
-        cfg = write_config(tmp_path / f"{mode}.yaml", "dppa", base, fts, params={"nonunit_mode": mode})
+        cfg = write_config(tmp_path / f"{mode}.yaml", "dppa", base, fts, params={"nonunit_mode": mode, "alphas": [1.8, 0.0]})
         out = tmp_path / f"nu-{mode}"
         assert cli("merge", cfg, "--out", out, "--no-progress").exit_code == 0
         res[mode] = load_dir(out)[emb]

@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as R
-from ..methods import preset
+from ..dppa.defaults import default_alphas
+from ..dppa.thresholds import plan_kept
+from ..methods import NONUNIT_MODES, nonunit_spec, preset
 from ..ops import merge_deltas
 from ..reference import rng
 from ..backends.base import ApplyPlan
@@ -17,8 +19,6 @@ from .config import is_dppa
 from .errors import MergeError, brief, clip
 from .workspace import Workspace
 
-STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16}
 
 
 def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
@@ -49,12 +49,8 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor],
     return base, deltas
 
 
-def default_alphas(k: int) -> list[float]:
-    """DPPA's search start (1.8 on the top band, 0 below) for k levels."""
-    return [1.8] + [0.0] * (k - 1)
-
-
 def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
+    """Each model's band factors for ``task`` (the DPPA default preset where none are given)."""
     given = task.merge_params.get("alphas") or [None] * len(levels)
     out = []
     for lv, a, label in zip(levels, given, labels):
@@ -62,7 +58,7 @@ def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
         if len(a) != len(lv):
             raise MergeError(f"model {brief(label)}: alphas {brief(a)} must have one factor per density level "
                              f"{brief(lv)}")
-        out.append(a)
+        out.append(list(a))
     return out
 
 
@@ -74,20 +70,16 @@ def specs_for(task, method: str, n: int, *, levels=None, unit_densities=None, la
         return w, specs, combine, "merge"
     alphas = dppa_alphas(task, levels, labels)
     mode = task.dppa_params.get("nonunit_mode", "dense")
-    if mode not in ("dense", "official", "base", "prune"):
-        raise MergeError(f"nonunit_mode must be one of dense, official, base, prune; got {brief(mode)}")
+    if mode not in NONUNIT_MODES:
+        raise MergeError(f"nonunit_mode must be one of {', '.join(NONUNIT_MODES)}; got {brief(mode)}")
     p["alphas"] = alphas
     p["densities"] = unit_densities if task.unit else levels
     w, specs, combine = preset(method, n, p)
-    if task.unit or mode == "prune":
+    if task.unit:
         return w, specs, combine, "merge"
     if mode == "base":
         return w, specs, combine, "base"
-    if mode == "dense":
-        return w, [SparsifySpec("none")] * n, combine, "merge"
-    # official: the whole dense delta × max α (the official code's side effect, DPPA.md §3.3)
-    off = [s.with_(densities=(1.0,), alphas=(max(a),), tie_mode="ge") for s, a in zip(specs, alphas)]
-    return w, off, combine, "merge"
+    return w, [nonunit_spec(mode, s, lv) for s, lv in zip(specs, levels)], combine, "merge"
 
 
 def merge_tensor(task, base: torch.Tensor, deltas: list, weights, specs, combine, mode: str, *, seed: int,
@@ -102,22 +94,6 @@ def merge_tensor(task, base: torch.Tensor, deltas: list, weights, specs, combine
         raise MergeError(f"tensor {brief(task.name)}: {clip(exc)}") from None
 
 
-def band_stats(hist: torch.Tensor, spec: SparsifySpec) -> tuple[list, float]:
-    """(threshold value per level, realised density) of a bands spec, exact from the histogram."""
-    n = int(hist.sum())
-    rows = R.band_thresholds(hist, spec.densities, spec.key_dtype, spec.count_rule)
-    taus = [float(R.key_to_value(torch.tensor(r[0]), spec.key_dtype)) for r in rows]
-    kept = []
-    for tau, above, eq, k in rows:
-        kept.append({"gt": above, "ge": above + eq}.get(spec.tie_mode, k))
-    factors = R.band_factors(spec.alphas, spec.band_combine)
-    total, prev = 0, 0
-    for f, c in zip(factors, kept):
-        total += (c - prev) if f > 0 else 0
-        prev = c
-    return taus, (total / n if n else 0.0)
-
-
 def _dare_kept(delta: torch.Tensor, density: float, seed: int, name: str, stream: int, backend: str) -> int:
     """Kept count of the DARE draw of (seed, name, stream): the backend applies it to a tensor of ones."""
     k1, k2 = rng.stream_keys(seed, name, stream)
@@ -130,7 +106,7 @@ def _dare_kept(delta: torch.Tensor, density: float, seed: int, name: str, stream
 
 
 def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
-                     hist: Optional[torch.Tensor] = None, backend: str = "reference",
+                     backend: str = "reference",
                      plan: Optional[ApplyPlan] = None) -> float:
     """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible).
     ``plan``: the plan the merge applied; a mask plan (DELLA) is counted instead of redrawn."""
@@ -147,8 +123,8 @@ def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name
         return R.breadcrumbs_window(n, spec.density, spec.gamma)[1] / n
     if m == "dare":
         return _dare_kept(delta, spec.density, seed, name, stream, backend) / n
-    if m == "bands" and hist is not None and spec.partition == "tensor":
-        return band_stats(hist, spec)[1]
+    if m == "bands" and plan is not None and plan.kind == "thresholds":
+        return plan_kept(plan, spec.densities, spec.count_rule, delta) / n
     if plan is not None and plan.kind == "mask":
         return int(torch.count_nonzero(plan.mask)) / n
     f = R.sparsify_factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
 from .errors import MergeError, brief
 
-BOOL_KEYS = ("normalize", "int8_mask")
+BOOL_KEYS = ("normalize", "int8_mask", "density_renormalize")
 UNIT_INTERVAL = ("density", "sparsity", "gamma", "epsilon")
 
 
@@ -124,7 +124,8 @@ class ParamResolver:
             if v is None:
                 continue
             (dppa if key in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp",
-                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern") else merge)[key] = v
+                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern", "density_renormalize")
+             else merge)[key] = v
         return merge, dppa
 
     def dp_levels(self) -> list[list[float]]:

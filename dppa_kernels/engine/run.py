@@ -171,8 +171,9 @@ def _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, 
                 plans: list = []
                 out = merge_tensor(task, b, deltas, w, specs, combine, mode, seed=opts.seed, backend=be_name,
                                    plans_out=plans)
-                if not task.unit and opts.tensor_report:
-                    report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name, plans)
+                if opts.tensor_report or task.unit:  # DPPA units: counted from the plans applied
+                    row = _tensor_row(task, deltas, specs, mode, opts.seed, be_name, plans)
+                    report_tensors[task.name] = {**report_tensors.get(task.name, {}), **row}
                 del plans
             else:
                 out = b
@@ -254,8 +255,9 @@ def _report(cfg, plan, opts, be_name, device, timings, tensors, dppa_report, cop
     floats = [t for t in plan.tasks if t.floating]
     for i, label in enumerate(m.label for m in plan.models):
         names = units or [t.name for t in floats]
-        num = sum(tensors[n]["realised"][i] * numel[n] for n in names if n in tensors)
-        den = sum(numel[n] for n in names if n in tensors)
+        have = [n for n in names if "realised" in tensors.get(n, {})]
+        num = sum(tensors[n]["realised"][i] * numel[n] for n in have)
+        den = sum(numel[n] for n in have)
         per_model[label] = num / den if den else None
     opt = asdict(opts)
     return {
