@@ -105,12 +105,15 @@ def build_dppa(cfg, *, device: str, backend: str):
     return d, {"combine": combine, "weights": weights, "lam": float(lam), "out_dtype": out}
 
 
-def eval_model(base_dir: str, device: str):
+def eval_model(base_dir: str, device: str, progress: bool = True):
     """The causal LM of the base folder on ``device``, in eval mode (candidates are loaded into it)."""
     try:
+        import transformers
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise SearchCliError("dppa search evaluates a transformers model: pip install transformers") from None
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="auto")
     return model.to(device).eval()
 
@@ -178,7 +181,7 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
     cfg, yaml_text = load_config(config)
     d, merge_kw = build_dppa(cfg, device=device, backend=backend)
     t_stats = time.perf_counter() - t0
-    model = eval_model(cfg.base_model, device)
+    model = eval_model(cfg.base_model, device, progress)
     higher = getattr(evaluate, "higher_is_better", True)
 
     def scored(m) -> float:

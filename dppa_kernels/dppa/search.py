@@ -192,7 +192,7 @@ def _load(model, state: dict):
 def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = "greedy", max_evals: int = 20,
            per_task: bool = False, model: Any = None, objective: Optional[Callable[[list], float]] = None,
            higher_is_better: Optional[bool] = None, combine: str = "sum", weights: Optional[Sequence[float]] = None,
-           lam: float = 1.0) -> SearchResult:
+           lam: float = 1.0, out_dtype: Optional[torch.dtype] = None) -> SearchResult:
     """Search the band factors of ``d`` (a :class:`DPPA`); returns a :class:`SearchResult`.
 
     ``evaluate``: one callable (scores the merge), or one per fine-tuned model (task i's
@@ -200,7 +200,7 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
     reference scores are not counted); per task with ``per_task``. ``objective``: maps the list
     of per-task scores of a shared candidate to the value maximised (default above).
     ``higher_is_better``: overrides each evaluator's ``higher_is_better`` attribute.
-    ``combine`` / ``weights`` / ``lam``: the merge the candidates are evaluated in.
+    ``combine`` / ``weights`` / ``lam`` / ``out_dtype``: the merge the candidates are evaluated in.
     Raises :class:`SearchError` (with ``.partial``) when the evaluator fails on a candidate.
     """
     if strategy not in STRATEGIES:
@@ -230,7 +230,7 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
                 k = len(d.levels[i])
 
                 def build(a, i=i):
-                    return wrap(_single(d, i, a))
+                    return wrap(_single(d, i, a, out_dtype))
 
                 def score(a, i=i):
                     return runner.run((i, a), lambda: build(a), evals[i], dirs[i], f"model {d.labels[i]} alphas {a}")
@@ -245,7 +245,8 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
                 ev, direction = _multi_objective(d, evals, dirs, wrap, objective, result), 1
 
             def score(a):
-                return runner.run((None, a), lambda: wrap(d.merge(a, combine=combine, weights=weights, lam=lam)),
+                return runner.run((None, a), lambda: wrap(d.merge(a, combine=combine, weights=weights, lam=lam,
+                                                                   out_dtype=out_dtype)),
                                   ev, direction, f"alphas {list(a)}")
             best = _strategy(strategy, score, k, runner, max_evals, result, task=None)
             result.best = [list(best)] * d.m
@@ -277,9 +278,9 @@ def _strategy(strategy: str, score: Callable, k: int, runner: _Runner, max_evals
     return max(done, key=lambda a: runner.memo[(task, a)])
 
 
-def _single(d, i: int, alphas: tuple) -> dict:
+def _single(d, i: int, alphas: tuple, out_dtype) -> dict:
     """Model i alone on the base with ``alphas``: base + Δ'_i."""
-    return d.merge([alphas], models=[i])
+    return d.merge([alphas], models=[i], out_dtype=out_dtype)
 
 
 def _multi_objective(d, evals: list, dirs: list, wrap: Callable, objective, result: SearchResult) -> Callable:
