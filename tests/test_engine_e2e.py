@@ -187,4 +187,5 @@ def test_demo_runs_from_module(tmp_path):
     lines = [ln.split() for ln in r.stdout.splitlines()]
     rows = {ln[0]: ln for ln in lines if ln and ln[0] in ("dppa", "ties", "dare_ties")}
     assert set(rows) == {"dppa", "ties", "dare_ties"}
-    assert abs(float(rows["ties"][1]) - 0.2) < 1e-3 and 0.05 < float(rows["dppa"][1]) < 0.15
+    assert abs(float(rows["ties"][1]) - 0.2) < 1e-3
+    assert abs(float(rows["dppa"][1]) - 0.2) < 0.01 * 0.2  # default alphas: the outer level, within 1 %
