@@ -32,6 +32,7 @@ from . import stats as S
 from .allocation import DPSettings, allocate, mean_density
 from .defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, resolve_alphas
 from .thresholds import UnitBands, factors_of
+from .units import unmatched_linears, warn_unmatched
 
 LOG = logging.getLogger(__name__)
 WORK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -101,6 +102,9 @@ class DPPA:
         if not self.units:
             raise ValueError("no DPPA unit tensors (2-D linear weights inside numbered blocks) in the state dict; "
                              "pass unit_pattern / layer_pattern")
+        self.unmatched = unmatched_linears({n: tuple(t.shape) for n, t in self.deltas[0].items()}, self.units,
+                                           layer_pattern=layer_pattern)
+        warn_unmatched(self.unmatched)
         self.stats_passes = 0
         self._statistics()
 

@@ -47,15 +47,20 @@ def _open(model_dir: str):
     return ModelSource(model_dir)
 
 
+def tensor_shapes(model_dir: str, floating_only: bool = True) -> dict:
+    """{tensor name: shape} of a checkpoint folder (headers only)."""
+    src = _open(model_dir)
+    try:
+        return {n: tuple(t.shape) for n, t in src.tensors.items() if t.dtype.is_floating_point or not floating_only}
+    finally:
+        src.close()
+
+
 def unit_layers(model_dir: str, *, unit_pattern: Optional[str] = None,
                 layer_pattern: Optional[str] = None) -> dict:
     """{unit tensor name: layer} of a checkpoint folder, from its names and shapes."""
-    src = _open(model_dir)
-    try:
-        pats = {k: v for k, v in (("unit_pattern", unit_pattern), ("layer_pattern", layer_pattern)) if v}
-        return group_units({n: tuple(t.shape) for n, t in src.tensors.items()}, **pats)
-    finally:
-        src.close()
+    pats = {k: v for k, v in (("unit_pattern", unit_pattern), ("layer_pattern", layer_pattern)) if v}
+    return group_units(tensor_shapes(model_dir, floating_only=False), **pats)
 
 
 def folder_histograms(base_dir: str, model_dir: str, names: Sequence[str], *, dtype=None,

@@ -12,6 +12,7 @@ import torch
 from ..dppa import stats as S
 from ..dppa.allocation import DPSettings, allocate as dp_allocate, mean_density
 from ..dppa.thresholds import UnitBands
+from ..dppa.units import unmatched_linears, warn_unmatched
 from .compute import form_deltas
 from .workspace import Workspace
 from .errors import MergeError, brief, clip
@@ -74,7 +75,10 @@ def allocate(plan, hists, labels, *, backend: str, sdtype: torch.dtype) -> tuple
         settings = DPSettings.from_params(gp)
     except (ValueError, TypeError) as exc:
         raise MergeError(f"DPPA settings: {clip(exc)}") from None
-    dens, report = {}, {"models": []}
+    unmatched = unmatched_linears({t.name: tuple(t.shape) for t in plan.tasks if t.floating}, layers,
+                                  layer_pattern=gp.get("layer_pattern"))
+    warn_unmatched(unmatched)
+    dens, report = {}, {"models": [], "unmatched_linear": unmatched}
     for i, label in enumerate(labels):
         try:
             alloc = dp_allocate({n: h for n, h in hists[i].items()}, layers, plan.levels[i], settings,

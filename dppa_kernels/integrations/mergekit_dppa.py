@@ -42,6 +42,7 @@ import torch
 from ..dppa import stats as dppa_stats
 from ..dppa.allocation import DPSettings, allocate
 from ..dppa.defaults import default_alphas
+from ..dppa.units import unmatched_linears, warn_unmatched
 from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
 from ..reference.naming import group_units, unit_layer
 
@@ -214,6 +215,8 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     layers = dppa_stats.unit_layers(base_dir, **patterns)
     if not layers:
         raise ValueError(f"no DPPA unit tensors found in {base_dir!r}; set unit_pattern / layer_pattern")
+    warn_unmatched(unmatched_linears(dppa_stats.tensor_shapes(base_dir), layers,
+                                     layer_pattern=patterns.get("layer_pattern")))
     from mergekit.common import dtype_from_name
 
     model_dirs = {str(m.model): _local_dir(m.model, options) for m in merge_config.models
