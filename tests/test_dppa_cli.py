@@ -114,3 +114,14 @@ def test_failing_evaluator_names_the_candidate_and_writes_nothing(setup, tmp_pat
     line = _error_line(cli("search", cfg, "--eval", "dppa_test_bad_eval:flaky", "--out", out, "--no-progress"))
     assert "alphas [1.9, 0.0]" in line and "validation set exploded" in line
     assert not out.exists() or not os.listdir(out)
+
+
+def test_exact_match_evaluator_and_eval_args(setup, tmp_path):
+    root, cfg, data = setup
+    r = cli("search", cfg, "--eval", "dppa_kernels.eval:exact_match", "--eval-data", data, "--tokenizer", root / "tok",
+            "--eval-arg", "limit=5", "--eval-arg", "max_new_tokens=3", "--out", tmp_path / "em", "--max-evals", "2",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "em" / "search_report.json").read_text())
+    assert rep["higher_is_better"] is True and rep["eval_kwargs"]["limit"] == "5"
+    assert len(rep["candidates"]) == 2 and all(0.0 <= c["score"] <= 1.0 for c in rep["candidates"])
