@@ -226,3 +226,16 @@ def test_band_thresholds_match_the_reference_sort():
         keys = R.magnitude_keys(d.deltas[0][name], torch.bfloat16).reshape(-1).sort(descending=True).values
         for k, tau in zip(b.k, b.tau_key):
             assert k == 0 or int(keys[k - 1]) == tau
+
+
+def test_merge_into_a_state_dict_in_place():
+    base, fts = _family()
+    d = DPPA.from_models(base, fts)
+    into = {k: torch.zeros_like(v) for k, v in base.items()}
+    for a in ((1.8, 0.0), (1.2, 1.4), "plain"):
+        got = d.merge(a, into=into, weights=[1.0, 0.5])
+        want = d.merge(a, weights=[1.0, 0.5])
+        assert all(got[k] is into[k] and torch.equal(into[k], want[k]) for k in want)
+    d.merge("plain", into=into, models=[1])  # other settings: every tensor written again
+    want = d.merge("plain", models=[1])
+    assert all(torch.equal(into[k], want[k]) for k in want)

@@ -106,6 +106,7 @@ class DPPA:
                                            layer_pattern=layer_pattern)
         warn_unmatched(self.unmatched)
         self.stats_passes = 0
+        self._static_into = None  # (id of an ``into`` dict, merge settings) whose α-free tensors are written
         self._statistics()
 
     # -- construction -------------------------------------------------------------------------
@@ -261,11 +262,15 @@ class DPPA:
 
     def merge(self, alphas: Alphas = None, *, combine: str = "sum", weights: Optional[Sequence[float]] = None,
               lam: float = 1.0, out_dtype: Optional[torch.dtype] = None,
-              models: Optional[Sequence[int]] = None) -> dict:
+              models: Optional[Sequence[int]] = None, into: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
         """The merged state dict: base + λ · combine(w_i · Δ'_i) for every floating tensor (cast
         once to ``out_dtype``, default the working dtype: the promoted dtype of base and fine-tuned
         tensors, or ``dtype``); other tensors are the base's.
-        ``models``: merge only these models (indices; ``alphas`` and ``weights`` then list theirs)."""
+        ``models``: merge only these models (indices; ``alphas`` and ``weights`` then list theirs).
+        ``into``: a state dict (e.g. a model's ``state_dict()``) whose tensors receive the merge in
+        place and are returned; tensors that do not depend on α (non-units under ``dense`` or
+        ``base``, integer buffers) are then written by the first call into that dict only, so the
+        caller must not change them in between."""
         sel = list(range(self.m)) if models is None else [int(i) for i in models]
         if not sel or any(not 0 <= i < self.m for i in sel):
             raise ValueError(f"models must be indices in [0, {self.m}), got {str(models)[:60]!r}")
@@ -273,10 +278,16 @@ class DPPA:
         al = [resolve_alphas(a, len(self.levels[i]), what=f"alphas of {self.labels[i]}") for a, i in zip(al, sel)]
         w, spec = self.combine_spec(combine, weights, lam, len(sel))
         out = {}
+        static_key = (tuple(sel), tuple(w), spec, out_dtype)
+        fixed = into is not None and getattr(self, "_static_into", None) == (id(into), static_key)
         with torch.no_grad():
             for name, b in self.base.items():
+                if fixed and (name not in self.units and self.nonunit_mode in ("dense", "base")
+                              or name not in self.deltas[0]):
+                    out[name] = into[name]  # α does not change it: written by an earlier call
+                    continue
                 if name not in self.deltas[0]:
-                    out[name] = b
+                    out[name] = b if into is None else into[name].copy_(b)
                     continue
                 ds = [self.deltas[i][name] for i in sel]
                 od = out_dtype or ds[0].dtype  # the working dtype, as dppa merge writes
@@ -285,6 +296,10 @@ class DPPA:
                     continue
                 bw = b.to(ds[0].dtype).contiguous()
                 out[name] = self._be.apply(ds, bw, self._plans(al, name, sel), w, spec, od)
+                if into is not None:
+                    out[name] = into[name].copy_(out[name])
+        if into is not None:
+            self._static_into = (id(into), static_key)
         return out
 
     def realised_density(self, alphas: Alphas = None) -> list:

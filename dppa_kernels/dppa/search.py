@@ -219,6 +219,13 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
     dirs = [(1 if higher_is_better else -1) if higher_is_better is not None else score_direction(e) for e in evals]
     model = model if model is not None else getattr(d, "module", None)
     wrap = (lambda sd: _load(model, sd)) if model is not None else (lambda sd: sd)
+    into = model.state_dict() if model is not None else None  # the model's own tensors
+    d._static_into = None  # nothing in ``into`` is known to hold this search's α-free tensors yet
+
+    def merged(alphas, **kw):
+        """The candidate: merged straight into the model's tensors when there is a model."""
+        out = d.merge(alphas, out_dtype=out_dtype, into=into, **kw)
+        return model if model is not None else out
     t0 = time.perf_counter()
     result = SearchResult(strategy, per_task=per_task)
     runner = _Runner(result, max_evals)
@@ -230,7 +237,7 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
                 k = len(d.levels[i])
 
                 def build(a, i=i):
-                    return wrap(_single(d, i, a, out_dtype))
+                    return merged([a], models=[i])
 
                 def score(a, i=i):
                     return runner.run((i, a), lambda: build(a), evals[i], dirs[i], f"model {d.labels[i]} alphas {a}")
@@ -245,8 +252,7 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
                 ev, direction = _multi_objective(d, evals, dirs, wrap, objective, result), 1
 
             def score(a):
-                return runner.run((None, a), lambda: wrap(d.merge(a, combine=combine, weights=weights, lam=lam,
-                                                                   out_dtype=out_dtype)),
+                return runner.run((None, a), lambda: merged(a, combine=combine, weights=weights, lam=lam),
                                   ev, direction, f"alphas {list(a)}")
             best = _strategy(strategy, score, k, runner, max_evals, result, task=None)
             result.best = [list(best)] * d.m
@@ -278,11 +284,6 @@ def _strategy(strategy: str, score: Callable, k: int, runner: _Runner, max_evals
     return max(done, key=lambda a: runner.memo[(task, a)])
 
 
-def _single(d, i: int, alphas: tuple, out_dtype) -> dict:
-    """Model i alone on the base with ``alphas``: base + Δ'_i."""
-    return d.merge([alphas], models=[i], out_dtype=out_dtype)
-
-
 def _multi_objective(d, evals: list, dirs: list, wrap: Callable, objective, result: SearchResult) -> Callable:
     """The shared-α objective over several tasks; scores each dense fine-tuned model first."""
     dense, dense_t = [], []
@@ -292,6 +293,7 @@ def _multi_objective(d, evals: list, dirs: list, wrap: Callable, objective, resu
         dense.append(_call(ev, wrap(state), f"the dense model {d.labels[i]}", result))
         dense_t.append(time.perf_counter() - t)
     result.dense, result.dense_eval_s = dense, dense_t
+    d._static_into = None  # the dense models overwrote every tensor of the evaluation model
 
     def geo_mean(scores: list) -> float:
         ratios = []
