@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from ..dppa.defaults import DEFAULT_DENSITIES
 from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
 from .errors import MergeError, brief
 
@@ -148,7 +149,7 @@ class ParamResolver:
                 raise MergeError(f"model {brief(label)}: set only one of densities, density, sparsity (got {brief(own)})")
             key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
             if key is None:
-                out.append([0.1, 0.2])
+                out.append(list(DEFAULT_DENSITIES))
             elif key == "densities":
                 out.append(found[key])
             elif key == "density":
