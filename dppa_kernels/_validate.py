@@ -8,11 +8,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .backends.base import NonFiniteInput, nonfinite_key
+from .spec import SPARSIFY_METHODS, CombineSpec, SparsifySpec
+from .vocab import (BAND_COMBINES, COMBINES, COUNT_RULES, DIVISORS, ELECTS, FAST_DTYPES, MAX_BANDS, PARTITIONS,
+                    RESCALES, TIE_MODES)
 
-from .reference.threshold import COUNT_RULES, PARTITIONS, TIE_MODES
-from .spec import COMBINES, DIVISORS, ELECTS, SPARSIFY_METHODS, CombineSpec, SparsifySpec
-
-FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALL_DTYPES = FAST_DTYPES + (torch.float64,)
 
 
@@ -85,8 +84,8 @@ def check_sparsify_spec(s: SparsifySpec, argname: str = "spec") -> None:
     check_choice(s.tie_mode, TIE_MODES, f"{argname}.tie_mode")
     check_choice(s.partition, PARTITIONS, f"{argname}.partition")
     check_choice(s.count_rule, COUNT_RULES, f"{argname}.count_rule")
-    check_choice(s.rescale, ("none", "inv_density", "l1"), f"{argname}.rescale")
-    check_choice(s.band_combine, ("max", "direct"), f"{argname}.band_combine")
+    check_choice(s.rescale, RESCALES, f"{argname}.rescale")
+    check_choice(s.band_combine, BAND_COMBINES, f"{argname}.band_combine")
     if s.partition == "block" and (not isinstance(s.block_size, int) or s.block_size < 1):
         raise ValueError(f"{argname}.block_size must be a positive int for partition='block', got {s.block_size!r}")
     if s.key_dtype is not None and s.key_dtype not in FAST_DTYPES:
@@ -96,6 +95,9 @@ def check_sparsify_spec(s: SparsifySpec, argname: str = "spec") -> None:
     if s.method == "bands":
         if not s.densities:
             raise ValueError(f"{argname}.densities must list at least one density for method='bands'")
+        if len(s.densities) > MAX_BANDS:
+            raise ValueError(f"{argname}.densities has {len(s.densities)} bands; at most {MAX_BANDS} are supported "
+                             f"(got {tuple(s.densities)[:MAX_BANDS + 2]})")
         for j, d in enumerate(s.densities):
             check_density(d, f"{argname}.densities[{j}]")
         if any(b < a for a, b in zip(s.densities, s.densities[1:])):

@@ -9,10 +9,9 @@ from typing import Optional
 
 import torch
 
+from .vocab import COMBINES, DIVISORS, ELECTS  # noqa: F401  (re-exported: the combine vocabulary)
+
 SPARSIFY_METHODS = ("none", "magnitude", "bands", "dare", "della", "breadcrumbs")
-COMBINES = ("sum", "ties")
-ELECTS = ("weighted_sum", "count", "sum", "frequency")
-DIVISORS = ("weights", "count", "none")
 
 
 @dataclass(frozen=True)

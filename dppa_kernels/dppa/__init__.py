@@ -14,7 +14,7 @@ from .defaults import DEFAULT_DENSITIES, PRESETS, default_alphas, resolve_alphas
 
 _LAZY = {"DPPA": "model", "DPSettings": "allocation", "allocate": "allocation", "mean_density": "allocation",
          "SearchError": "search", "SearchResult": "search", "search": "search", "UnitBands": "thresholds",
-         "band_stats": "thresholds", "factors_of": "thresholds", "stats": None, "thresholds": None,
+         "factors_of": "thresholds", "stats": None, "thresholds": None,
          "allocation": None, "model": None}
 
 __all__ = ["DEFAULT_DENSITIES", "PRESETS", "default_alphas", "resolve_alphas", *_LAZY]

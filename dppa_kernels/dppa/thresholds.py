@@ -66,31 +66,3 @@ def factors_of(alphas: Sequence[float], band_combine: str) -> tuple:
     """Per-level factors of band ``alphas`` (DPPA.md §3: ``max`` or ``direct``)."""
     return tuple(float(f) for f in band_factors(tuple(alphas), band_combine))
 
-
-def band_stats(hist: torch.Tensor, densities: Sequence[float], alphas: Sequence[float], *,
-               key_dtype: torch.dtype, tie_mode: str = "gt", count_rule: str = "dppa",
-               band_combine: str = "max") -> tuple[list, float]:
-    """(threshold value per level, realised density) of one unit, exact from its histogram."""
-    b = UnitBands.from_hist(hist, densities, key_dtype, count_rule)
-    kept = b.kept(factors_of(alphas, band_combine), tie_mode)
-    return b.thresholds(), (kept / b.n if b.n else 0.0)
-
-
-def plan_kept(plan: ApplyPlan, densities: Sequence[float], count_rule: str, delta: torch.Tensor) -> int:
-    """Elements a bands threshold plan, as applied to ``delta``, keeps with a non-zero factor.
-
-    Per partition p and level j, #key > τ = k − budget (τ is the k-th largest key): ``gt`` keeps
-    those, ``ge`` adds every tie, ``exact_k`` keeps k. Counts the plan the merge ran, so a report
-    built on it cannot disagree with the written tensor (row and block partitions included)."""
-    from ..plans import _partition_lengths, keep_counts
-
-    lengths = _partition_lengths(delta, plan.partition, plan.block_size)
-    kept, prev = 0, 0
-    for j, d in enumerate(densities):
-        k = keep_counts(lengths, d, count_rule)
-        budget, eq = plan.budget[:, j], plan.c_eq[:, j]
-        level = k if plan.tie_mode == "exact_k" else (k - budget) + (eq if plan.tie_mode == "ge" else 0)
-        c = int(level.sum())
-        kept += (c - prev) if plan.factors[j] != 0 else 0
-        prev = c
-    return kept
