@@ -1,8 +1,9 @@
 """DPPA phase A, the statistics pass: one 32768-bin magnitude histogram per unit delta.
 
-Every statistics read in the package goes through :func:`unit_histogram` (the engine, the
-mergekit pre-pass and :class:`~dppa_kernels.dppa.DPPA`), so a test can count the passes.
-Checkpoint folders are read with the engine's one reader (:class:`engine.source.ModelSource`).
+:class:`~dppa_kernels.dppa.DPPA` and the mergekit pre-pass take their histograms through
+:func:`unit_histogram` (so a test can count the passes); the engine's streaming pass uses the
+planned variant of the same primitive, which also finds NaN/Inf inside the pass. Checkpoint
+folders are read with the engine's one reader (:class:`engine.source.ModelSource`).
 """
 
 from __future__ import annotations
