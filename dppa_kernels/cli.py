@@ -1,4 +1,4 @@
-"""The ``dppa`` command line: ``dppa merge CONFIG --out DIR``, ``dppa info``, ``dppa demo``."""
+"""The ``dppa`` command line: ``dppa merge CONFIG --out DIR``, ``dppa search``, ``dppa info``, ``dppa demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from . import search_cli
 from ._exit import exit_now, unexpected
 from .pat.cli import app as pat_app
 
@@ -126,6 +127,9 @@ def demo(
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001
         _fail(unexpected(exc))
+
+
+app.command("search")(search_cli.search)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .dppa.defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, default_alphas
 from .spec import CombineSpec, SparsifySpec
 
 METHODS = {
@@ -45,7 +46,8 @@ METHODS = {
 PER_MODEL = ("weight", "density", "gamma", "epsilon", "densities", "alphas")
 GLOBAL = ("normalize", "rescale", "lambda", "int8_mask", "tie_mode", "count_rule", "partition",
           "block_size", "elect", "divisor", "band_combine", "stats_dtype")
-DPPA_DEFAULTS = {"densities": (0.1, 0.2), "alphas": (1.8, 0.0), "tie_mode": "gt", "count_rule": "dppa",
+DPPA_DEFAULTS = {"densities": DEFAULT_DENSITIES, "alphas": default_alphas(len(DEFAULT_DENSITIES)),
+                 "tie_mode": DEFAULT_TIE_MODE, "count_rule": "dppa",
                  "band_combine": "max", "stats_dtype": "bfloat16"}
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,

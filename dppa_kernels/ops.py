@@ -13,6 +13,8 @@ tensor anyway reports non-finite keys, and the fused apply pass checks the input
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -187,7 +189,14 @@ def merge_deltas(
     explicit ``specs`` (one SparsifySpec per delta) and ``combine``. Model i's random stream is i.
     ``plans_out``, a list, receives each delta's ApplyPlan (thresholds, the DELLA mask drawn, ...)
     so that callers can report on them without redoing the work; it stays empty on the reference.
+
+    ``dppa`` / ``dppa_ties`` here see one tensor, so they apply **uniform** bands: every delta is
+    cut at ``densities`` (default (0.1, 0.2)) × ``alphas`` (default (1, 1)) with no dynamic
+    allocation, which needs whole-model statistics. For the whole-model method use
+    :class:`dppa_kernels.dppa.DPPA` (or ``dppa merge``); a warning says so once per process.
     """
+    if method in ("dppa", "dppa_ties") and specs is None:
+        _warn_uniform_bands()
     if not isinstance(deltas, (list, tuple)) or not deltas:
         raise ValueError("deltas must be a non-empty list of tensors")
     for i, d in enumerate(deltas):
@@ -223,6 +232,12 @@ def merge_deltas(
         return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
     return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out,
                       names=names if check_finite else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_uniform_bands() -> None:
+    warnings.warn("merge_deltas(method='dppa'/'dppa_ties') applies uniform bands to each tensor (no dynamic "
+                  "allocation across the model); use dppa_kernels.dppa.DPPA for whole-model DPPA", stacklevel=3)
 
 
 def merge_prepared(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], specs: Sequence[SparsifySpec],

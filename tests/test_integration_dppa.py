@@ -12,6 +12,7 @@ import yaml
 from test_integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels import dp_densities, merge_deltas
+from dppa_kernels.dppa import default_alphas
 from dppa_kernels.integrations import mergekit as dk
 from dppa_kernels.integrations.mergekit_dppa import DPPATable
 from dppa_kernels.reference.naming import group_units
@@ -140,7 +141,7 @@ def test_unit_missing_from_table_is_an_error():
     ("dppa", {"nonunit_mode": "official"}), ("dppa", {"nonunit_mode": "base"}),
 ])
 def test_dppa_parity_with_dppa_merge_cli(fam, tmp_path, method, extra):
-    params = [PARAMS[0], {"weight": 0.5, "sparsity": 0.75}]  # one level: default alphas (1.8,)
+    params = [PARAMS[0], {"weight": 0.5, "sparsity": 0.75}]  # one level: default alphas (1.0,)
     cfg = config(method, fam, params, {**GLOBAL, **extra})
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -205,7 +206,7 @@ def test_merge_state_dicts_takes_dp_statistics_from_the_tensors_at_hand(method):
     for k in names:
         want = merge_deltas([sds[i][k] - sds[0][k] for i in (1, 2)], sds[0][k], method=method,
                             weight=[1.0, 0.5], densities=[tuple(allocs[i].densities[k]) for i in (1, 2)],
-                            alphas=[(1.8,), (1.8,)])
+                            alphas=[default_alphas(1)] * 2)
         assert torch.equal(out[k], want), k
     norm = "model.norm.weight"
     want = merge_deltas([sds[i][norm] - sds[0][norm] for i in (1, 2)], sds[0][norm],
@@ -230,5 +231,5 @@ def test_dppa_keeps_autograd_through_in_memory_inputs():
     torch.testing.assert_close(out[k].detach(), plain[k], rtol=0, atol=1e-6)
     out[k].sum().backward()
     g = sds[2][k].grad
-    assert set(torch.unique(g).tolist()) == {0.0, float(torch.tensor(0.5 * 1.8))}
+    assert set(torch.unique(g).tolist()) == {0.0, 0.5 * default_alphas(1)[0]}
     assert 0.2 < float((g != 0).float().mean()) < 0.4  # density 0.3 ± DP's offsets

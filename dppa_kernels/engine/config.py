@@ -29,7 +29,7 @@ EXTRA_PER_MODEL = {"breadcrumbs": ("gamma",), "breadcrumbs_ties": ("gamma",), "d
                    "della_linear": ("epsilon",)}
 DPPA_PER_MODEL = ("densities", "alphas", "sparsity")
 DPPA_GLOBAL = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "nonunit_mode",
-               "compat", "unit_pattern", "layer_pattern")
+               "compat", "unit_pattern", "layer_pattern", "density_renormalize")
 # Our advanced knobs (methods.GLOBAL): accepted for every method, checked by the presets.
 ADVANCED_GLOBAL = tuple(k for k in GLOBAL if k not in BASE_GLOBAL)
 # Values that are lists by nature, never gradients.

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from ..dppa.defaults import DEFAULT_DENSITIES
 from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
 from .errors import MergeError, brief
 
-BOOL_KEYS = ("normalize", "int8_mask")
+BOOL_KEYS = ("normalize", "int8_mask", "density_renormalize")
 UNIT_INTERVAL = ("density", "sparsity", "gamma", "epsilon")
 
 
@@ -124,7 +125,8 @@ class ParamResolver:
             if v is None:
                 continue
             (dppa if key in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp",
-                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern") else merge)[key] = v
+                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern", "density_renormalize")
+             else merge)[key] = v
         return merge, dppa
 
     def dp_levels(self) -> list[list[float]]:
@@ -147,7 +149,7 @@ class ParamResolver:
                 raise MergeError(f"model {brief(label)}: set only one of densities, density, sparsity (got {brief(own)})")
             key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
             if key is None:
-                out.append([0.1, 0.2])
+                out.append(list(DEFAULT_DENSITIES))
             elif key == "densities":
                 out.append(found[key])
             elif key == "density":
