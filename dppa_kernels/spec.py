@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 
-SPARSIFY_METHODS = ("none", "magnitude", "bands", "dare", "della", "breadcrumbs")
 COMBINES = ("sum", "ties")
 ELECTS = ("weighted_sum", "count", "sum", "frequency")
 DIVISORS = ("weights", "count", "none")
@@ -19,9 +18,10 @@ DIVISORS = ("weights", "count", "none")
 class SparsifySpec:
     """How one delta is sparsified. Fields not used by ``method`` are ignored.
 
-    method: ``none`` (dense), ``magnitude`` (top-k by |Δ|), ``bands`` (DPPA partition
-    amplification, K nested magnitude bands), ``dare`` (random drop), ``della`` (MagPrune),
-    ``breadcrumbs`` (drop the gamma largest and the smallest).
+    method: a registered sparsifier (``dppa_kernels.methods``): ``none`` (dense), ``magnitude``
+    (top-k by |Δ|), ``bands`` (DPPA partition amplification, K nested magnitude bands), ``dare``
+    (random drop), ``della`` (MagPrune), ``breadcrumbs`` (drop the gamma largest and the smallest),
+    ``consensus`` (TALL-mask consensus), ...
     rescale: ``none``, ``inv_density`` (÷ density: DARE paper, PEFT) or ``l1`` (mergekit: × Σ|Δ| /
     Σ|kept Δ|).
     """
@@ -40,6 +40,10 @@ class SparsifySpec:
     epsilon: float = 0.15
     rescale: str = "none"
     density1_prunes_min: bool = False
+    options: tuple = ()  # ((name, value), ...): parameters of sparsifiers without a field above
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
 
     def with_(self, **kw) -> "SparsifySpec":
         return replace(self, **kw)

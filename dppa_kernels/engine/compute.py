@@ -7,12 +7,10 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference as R
-from ..methods import preset
+from ..methods import get_sparsifier, preset
 from ..ops import merge_deltas
-from ..reference import rng
 from ..backends.base import ApplyPlan
-from ..backends.registry import get_backend
-from ..spec import CombineSpec, SparsifySpec
+from ..spec import SparsifySpec
 from .config import is_dppa
 from .errors import MergeError, brief, clip
 from .workspace import Workspace
@@ -85,7 +83,7 @@ def specs_for(task, method: str, n: int, *, levels=None, unit_densities=None, la
         return w, specs, combine, "base"
     if mode == "dense":
         return w, [SparsifySpec("none")] * n, combine, "merge"
-    # official: the whole dense delta × max α (the official code's side effect, DPPA.md §3.3)
+    # official: the whole dense delta × max α (the official code's side effect, docs/methods.md)
     off = [s.with_(densities=(1.0,), alphas=(max(a),), tie_mode="ge") for s, a in zip(specs, alphas)]
     return w, off, combine, "merge"
 
@@ -118,38 +116,12 @@ def band_stats(hist: torch.Tensor, spec: SparsifySpec) -> tuple[list, float]:
     return taus, (total / n if n else 0.0)
 
 
-def _dare_kept(delta: torch.Tensor, density: float, seed: int, name: str, stream: int, backend: str) -> int:
-    """Kept count of the DARE draw of (seed, name, stream): the backend applies it to a tensor of ones."""
-    k1, k2 = rng.stream_keys(seed, name, stream)
-    if backend == "reference":
-        return int(rng.keep_mask(delta.numel(), density, k1, k2, device=delta.device).sum())
-    plan = ApplyPlan("dare", k1=k1, k2=k2, thr32=rng.threshold32(density))
-    ones = torch.ones(delta.numel(), dtype=torch.float32, device=delta.device)
-    kept = get_backend(backend).apply([ones], None, [plan], [1.0], CombineSpec(), torch.float32)
-    return int(torch.count_nonzero(kept))
-
-
 def realised_density(delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
                      hist: Optional[torch.Tensor] = None, backend: str = "reference",
                      plan: Optional[ApplyPlan] = None) -> float:
-    """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible).
-    ``plan``: the plan the merge applied; a mask plan (DELLA) is counted instead of redrawn."""
-    n = delta.numel()
-    m = spec.method
-    if n == 0:
+    """Fraction of the delta's elements that survive ``spec`` (exact; analytic where possible),
+    from its sparsifier. ``plan``: the plan the merge applied (a mask is counted, not redrawn)."""
+    if delta.numel() == 0:
         return 0.0
-    if m == "none" or (m in ("magnitude", "breadcrumbs", "dare", "della") and spec.density >= 1.0
-                       and not spec.density1_prunes_min):
-        return 1.0
-    if m == "magnitude" and spec.tie_mode == "exact_k" and spec.partition == "tensor":
-        return R.keep_count(n, spec.density, spec.count_rule) / n
-    if m == "breadcrumbs":
-        return R.breadcrumbs_window(n, spec.density, spec.gamma)[1] / n
-    if m == "dare":
-        return _dare_kept(delta, spec.density, seed, name, stream, backend) / n
-    if m == "bands" and hist is not None and spec.partition == "tensor":
-        return band_stats(hist, spec)[1]
-    if plan is not None and plan.kind == "mask":
-        return int(torch.count_nonzero(plan.mask)) / n
-    f = R.sparsify_factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)
-    return float((f != 0).sum()) / n
+    return get_sparsifier(spec.method).realised(delta, spec, seed=seed, name=name, stream=stream, hist=hist,
+                                               backend=backend, plan=plan)
