@@ -272,7 +272,7 @@ def dp_densities(
     compat: Optional[str] = None,
     backend: str = "auto",
 ) -> R.DPAllocation:
-    """DPPA Dynamic Pruning allocation (DPPA.md §2) for one fine-tuned model.
+    """DPPA Dynamic Pruning allocation (docs/methods.md) for one fine-tuned model.
 
     ``stats`` maps tensor names to either deltas (their histograms are taken with ``backend``) or
     precomputed 32768-bin histograms (1-D int tensors of length 32768). Units and their layers come

@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-NO_KEEP = {15: 1 << 15, 31: 1 << 31}
-
 
 def interpreting() -> bool:
     """Whether triton runs kernels in its CPU interpreter (read once by triton at import)."""

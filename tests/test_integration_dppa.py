@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from test_integration_common import DEVICES, config, load, run, run_cli, write_family
+from integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels import dp_densities, merge_deltas
 from dppa_kernels.integrations import mergekit as dk
@@ -95,7 +95,7 @@ def test_dppa_without_prepass_is_a_clear_error(fam, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
-    from test_integration_common import options
+    from integration_common import options
 
     dk.install()
     mc = MergeConfiguration.model_validate(config("dppa", fam, PARAMS, GLOBAL))

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from test_integration_common import DEVICES, config, load, run, run_cli, write_family
+from integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels.integrations import mergekit as dk
 

@@ -108,7 +108,7 @@ def test_bad_parameters_name_the_argument():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_dppa_merge_writes_the_consensus_of_each_tensor(tmp_path, backend):
-    from test_integration_common import config, load, write_family
+    from integration_common import config, load, write_family
 
     from dppa_kernels.engine import MergeOptions, parse_config, run_merge
 
@@ -134,7 +134,7 @@ def test_dppa_merge_writes_the_consensus_of_each_tensor(tmp_path, backend):
 
 def test_fast_path_and_mergekit_fallback_bit_identical(tmp_path):
     pytest.importorskip("mergekit", reason="mergekit is an optional dependency")
-    from test_integration_common import config, write_family
+    from integration_common import config, write_family
     from test_integration_mergekit_fast import assert_same, both
 
     dirs = write_family(tmp_path / "fam", n=2, dtype=torch.bfloat16, seed=7)

@@ -2,7 +2,7 @@
 
 Same cases as the CPU backends' tests (tests/test_ops.py): odd shapes, every dtype, heavy ties,
 edge densities; thresholds, counts and masks exact, values within one output ulp (the interpreter
-truncates fp32 -> bf16 stores, STYLE.md §6.3), DARE masks bit-identical to the reference RNG.
+truncates fp32 -> bf16 stores), DARE masks bit-identical to the reference RNG.
 On a GPU machine the same file runs on CUDA tensors: ``TRITON_INTERPRET=0 pytest tests/test_triton_backend.py``.
 Shapes are small and kernels use large blocks under the interpreter (~1 ms per program instance).
 """

@@ -1,5 +1,5 @@
 """DPPA statistics pre-pass over checkpoints on disk (safetensors), for hosts that merge tensor by
-tensor (mergekit) and so cannot see the whole-model statistics DP needs (DPPA.md §4).
+tensor (mergekit) and so cannot see the whole-model statistics DP needs (docs/methods.md, DPPA).
 
 One streaming read of every unit tensor of the base and of each fine-tuned model: Δ = ft − base
 in the dtype the host will merge in, a 32768-bin histogram per unit (256 KiB), then the DP

@@ -1,7 +1,7 @@
 """DPPA inside mergekit: the statistics pre-pass and the per-(model, tensor) lookup table.
 
 mergekit merges one tensor at a time, but DP densities depend on whole-model statistics
-(DPPA.md §4). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
+(docs/methods.md, DPPA). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
 model named in the config once, before mergekit plans the merge, and stores the DP densities of
 every (model, unit tensor); the ``dppa`` / ``dppa_ties`` methods look them up by tensor name.
 
