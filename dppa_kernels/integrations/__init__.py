@@ -5,9 +5,12 @@
   ``mergekit.merge.run_merge`` with the backend installed; console script ``dppa-mergekit-yaml``.
 * :mod:`dppa_kernels.integrations.peft`: drop-ins for ``peft.utils.merge_utils`` and an
   ``install()`` that patches them where LoRA's ``add_weighted_adapter`` looks them up.
+* :mod:`dppa_kernels.integrations.fusion_bench`: ``install()`` puts our kernels behind
+  FusionBench's TIES trim, sign election, disjoint merge and DARE drop (its own semantics), so
+  that its algorithms (``TiesMergingAlgorithm``, ``DareTiesMerging``, ...) run on them.
 
-mergekit and PEFT are optional: importing this package never imports them; using a submodule
+mergekit, PEFT and FusionBench are optional: importing this package never imports them; using a submodule
 without its library raises an ImportError that says what to install.
 """
 
-__all__ = ["mergekit", "peft"]
+__all__ = ["fusion_bench", "mergekit", "peft"]
