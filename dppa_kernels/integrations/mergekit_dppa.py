@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
+from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, methods, nonunit_spec, preset
 from ..ops import dp_densities, tensor_histogram
 from ..reference.naming import group_units, unit_layer
 from . import dppa_stats
@@ -194,7 +194,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     """Run the DPPA statistics pre-pass for a mergekit ``MergeConfiguration`` (merge_method
     ``dppa`` or ``dppa_ties``) and, with ``activate``, make the table the active one."""
     method = merge_config.merge_method
-    if method not in ("dppa", "dppa_ties"):
+    if not getattr(methods().get(method), "dppa", False):
         raise ValueError(f"prepare_dppa is for merge_method dppa / dppa_ties, got {method!r}")
     if not merge_config.models or merge_config.slices or merge_config.modules:
         raise ValueError("dppa inside mergekit supports 'models:' configs only (slices and modules "
