@@ -68,6 +68,12 @@ def _pybind_include() -> str:
     return pybind11.get_include()
 
 
+def _headers(folder: str) -> list:
+    """Headers a rebuild depends on: the folder's own and the shared codes (csrc/vocab*.h)."""
+    return sorted(str(p.relative_to(ROOT)) for pat in ("*.h", "*.cuh") for d in (ROOT / "csrc", ROOT / "csrc" / folder)
+                  for p in d.glob(pat))
+
+
 def cpu_extension() -> Extension:
     # -ffp-contract=off: no FMA contraction, so double-precision DELLA probabilities are
     # bit-identical to the torch reference.
@@ -79,6 +85,7 @@ def cpu_extension() -> Extension:
         "dppa_kernels._cpu",
         sources=sources,
         include_dirs=[_pybind_include(), str(ROOT / "csrc" / "cpu")],
+        depends=_headers("cpu"),
         extra_compile_args=cflags,
         extra_link_args=["-fopenmp"],
         language="c++",
@@ -98,6 +105,7 @@ def cuda_extension():
         "dppa_kernels._cuda",
         sources=sources,
         include_dirs=[_pybind_include(), str(ROOT / "csrc" / "cuda")],
+        depends=_headers("cuda"),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],

@@ -1,14 +1,16 @@
-"""End-to-end benchmark: ``mergekit-yaml`` vs ``dppa merge`` on a synthetic Llama-shaped family.
+"""End-to-end benchmark: ``dppa merge`` and ``dppa-mergekit-yaml`` vs ``mergekit-yaml``, Llama-shaped.
 
 Not a test. Generates (once) a bf16 family of base + 3 fine-tuned models, sharded, with realistic
 deltas (base ~ N(0, 0.02), ft = bf16(base + heavy-tailed Δ with σ ≈ 5e-4), never zero), warms the
 page cache, then times each run as a child process under ``/usr/bin/time -v`` (psutil polling
 when absent) and appends wall time and peak RSS to ``bench/results/e2e_cpu.csv``, one row as each
-run ends. With ``--devices cpu,cuda`` each run is also timed on the GPU (``dppa merge --device
-cuda``, ``mergekit-yaml --cuda``); rows then carry the device and the GPU's name and go to
-``bench/results/e2e_gpu.csv``.
+run ends, and at the end the ratio of the median wall times (``mergekit-yaml`` / ours) of each
+method both ran, with the machine's load average. With ``--devices cpu,cuda`` each run is also
+timed on the GPU (``dppa merge --device cuda``, ``mergekit-yaml --cuda``); rows then carry the
+device and the GPU's name and go to ``bench/results/e2e_gpu.csv``.
 
     python bench/bench_e2e.py                 # ~270M parameters per model
+    python bench/bench_e2e.py --layers 11 --only mergekit:ties,dppa:ties,fastpath:ties --repeat 3  # 207M: 10x
     python bench/bench_e2e.py --double        # also the 2x deeper model (flat-RSS check)
     python bench/bench_e2e.py --repeat 5      # five runs of each, for medians
     python bench/bench_e2e.py --devices cpu,cuda --only dppa:ties,mergekit:ties   # on a GPU machine
@@ -34,8 +36,14 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 MERGEKIT = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
 SHAPE = dict(hidden=1024, inter=2816, vocab=32000)
+FAST = os.path.join(os.path.dirname(sys.executable), "dppa-mergekit-yaml")
+# tools: mergekit (mergekit-yaml), dppa (dppa merge), fastpath (dppa-mergekit-yaml: mergekit's CLI
+# and layout, our engine when the run is eligible). The family's tokenizer_config.json alone would
+# make mergekit rebuild a tokenizer with transformers, which the fast path does not reproduce: the
+# fastpath runs pass --no-copy-tokenizer (mergekit-yaml keeps its defaults).
+FAST_ARGS = ["--quiet", "--no-copy-tokenizer"]
 RUNS = [("mergekit", "ties"), ("mergekit", "task_arithmetic"), ("dppa", "ties"), ("dppa", "task_arithmetic"),
-        ("dppa", "dppa")]
+        ("dppa", "dppa"), ("fastpath", "ties")]
 
 
 def n_params(layers: int) -> int:
@@ -75,6 +83,21 @@ def config(path: str, method: str, base: str, fts: list) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path
+
+
+def check_fast(args: list) -> None:
+    """Stop unless dppa-mergekit-yaml takes its fast path for ``args`` (else mergekit's pipeline
+    would be timed under the fast path's name)."""
+    from dppa_kernels.integrations import mergekit_cli
+    from dppa_kernels.integrations.mergekit_fast import Unsupported, plan_fast
+
+    opts = mergekit_cli.parse_fast(args)
+    if opts is None:
+        sys.exit(f"bench_e2e: dppa-mergekit-yaml {' '.join(args)}: command line not understood by the fast path")
+    try:
+        plan_fast(opts, opts["config_file"], opts["out_path"]).inputs.close()
+    except Unsupported as exc:
+        sys.exit(f"bench_e2e: dppa-mergekit-yaml would not take its fast path: {exc}")
 
 
 def timed(cmd: list) -> tuple[float, float, int]:
@@ -132,6 +155,23 @@ def append_row(path: str, row: dict) -> None:
         w.writerow(row)
 
 
+def summarise(rows: list) -> list:
+    """(method, device, tool, mergekit median s, the tool's median s, ratio) of each method that
+    mergekit-yaml and another tool ran."""
+    from statistics import median
+
+    walls: dict = {}
+    for r in rows:
+        if r["rc"] == 0 and r["params_m"] == rows[0]["params_m"]:
+            walls.setdefault((r["method"], r.get("device", "cpu"), r["tool"]), []).append(r["wall_s"])
+    out = []
+    for (method, device, tool), w in sorted(walls.items()):
+        theirs = walls.get((method, device, "mergekit"))
+        if tool != "mergekit" and theirs:
+            out.append((method, device, tool, median(theirs), median(w), median(theirs) / median(w)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/dppa-bench-e2e")
@@ -156,6 +196,7 @@ def main() -> None:
         devices.remove("cuda")
     gpu = torch.cuda.get_device_name() if gpu_rows and torch.cuda.is_available() else ""
     from dppa_kernels.backends.registry import resolve
+    rows = []
     sizes = [args.layers] + ([2 * args.layers] if args.double else [])
     for layers in sizes:
         root = os.path.join(args.workdir, f"L{layers}")
@@ -173,6 +214,9 @@ def main() -> None:
                 for device in devices:
                     if tool == "mergekit":
                         cmd = [MERGEKIT, cfg, out, "--quiet"] + (["--cuda"] if device == "cuda" else [])
+                    elif tool == "fastpath":
+                        cmd = [FAST, cfg, out, *FAST_ARGS] + (["--cuda"] if device == "cuda" else [])
+                        check_fast(cmd[1:])
                     else:
                         cmd = [sys.executable, "-m", "dppa_kernels", "merge", cfg, "--out", out, "--no-progress",
                                "--device", device]
@@ -184,7 +228,13 @@ def main() -> None:
                         row.update(device=device, gpu=gpu, backend=resolve("auto", torch.device(device)))
                     print(row, flush=True)
                     append_row(args.csv, row)
+                    rows.append(row)
                     shutil.rmtree(out, ignore_errors=True)
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    label = {"dppa": "dppa merge", "fastpath": "dppa-mergekit-yaml"}
+    for method, device, tool, theirs, ours, ratio in summarise(rows):
+        print(f"{method} on {device}: mergekit-yaml {theirs:.2f} s, {label[tool]} {ours:.2f} s: {ratio:.1f}x "
+              f"(medians; load average {load})", flush=True)
 
 
 if __name__ == "__main__":

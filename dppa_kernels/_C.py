@@ -1,6 +1,8 @@
 """The one place that loads the compiled modules.
 
-Each extension is in one of three states: loaded, not built, or load error. Importing this module
+Each extension is in one of three states: loaded, not built, or load error. A module whose
+exported codes and limits (``VOCAB``) differ from :mod:`dppa_kernels.vocab` (a stale build) counts
+as a load error: a backend must never misread a dtype or combine code. Importing this module
 never raises; the reason a module is missing is kept and reported when its backend is requested
 (and by ``python -m dppa_kernels info``). Set ``DPPA_KERNELS_MORE_DETAILS=1`` for the traceback.
 """
@@ -45,7 +47,6 @@ def _load(modname: str, key: str) -> Extension:
     info = build_info()
     try:
         mod = importlib.import_module(f"dppa_kernels.{modname}")
-        return Extension(modname, mod, "")
     except ModuleNotFoundError:
         status = info.get(key, "not built (package installed without running setup.py build)")
         if status == "built":
@@ -57,6 +58,20 @@ def _load(modname: str, key: str) -> Extension:
         reason = f"load error: {exc!r} (built for {built_for or 'unknown'})"
         logger.warning("dppa_kernels.%s could not be loaded: %s%s", modname, reason, detail)
         return Extension(modname, None, reason)
+    return checked_vocab(Extension(modname, mod, ""))
+
+
+def checked_vocab(ext: Extension) -> Extension:
+    """``ext`` itself when its exported VOCAB matches :mod:`dppa_kernels.vocab`, else unavailable."""
+    from .vocab import vocab_mismatch
+
+    diff = vocab_mismatch(getattr(ext.module, "VOCAB", None))
+    if not diff:
+        return ext
+    reason = (f"load error: its codes and limits differ from dppa_kernels.vocab ({diff[:300]}); "
+              "rebuild it: pip install --no-build-isolation -e .")
+    logger.warning("dppa_kernels.%s is not used: %s", ext.name, reason)
+    return Extension(ext.name, None, reason)
 
 
 _CACHE: dict[str, Extension] = {}

@@ -8,13 +8,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .backends.base import NonFiniteInput, nonfinite_key
-
 from .methods.registry import get_sparsifier
-from .reference.sparsify import BAND_COMBINES, RESCALES
-from .reference.threshold import COUNT_RULES, PARTITIONS, TIE_MODES
-from .spec import COMBINES, DIVISORS, ELECTS, CombineSpec, SparsifySpec
+from .spec import CombineSpec, SparsifySpec
+from .vocab import (BAND_COMBINES, COMBINES, COUNT_RULES, DIVISORS, ELECTS, FAST_DTYPES, PARTITIONS, RESCALES,
+                    TIE_MODES)
 
-FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALL_DTYPES = FAST_DTYPES + (torch.float64,)
 
 

@@ -57,12 +57,13 @@ def run_demo(workdir: Optional[str] = None, backend: str = "auto", keep: bool = 
             dt = time.perf_counter() - t
             dens = [v for v in rep["realised_density"].values() if v is not None]
             rows.append({"method": method, "density": sum(dens) / len(dens), "scope": rep["realised_density_scope"],
-                         "seconds": dt, "backend": rep["backend"]})
+                         "seconds": dt, "backend": rep["backend"], "exact": rep.get("realised_density_exact", True)})
         echo(f"{'method':<10} {'realised density':>16} {'time':>8}  backend  (density: mean over models, "
              f"kept fraction of each delta)")
         for r in rows:
             echo(f"{r['method']:<10} {r['density']:>16.4f} {r['seconds']:>7.2f}s  {r['backend']}"
-                 + ("  (units only)" if r["scope"] == "units" else ""))
+                 + ("  (units only)" if r["scope"] == "units" else "")
+                 + ("" if r["exact"] else "  (DARE: the draw's keep probability)"))
         if keep or workdir:
             echo(f"outputs kept in {root}")
         return rows

@@ -225,9 +225,7 @@ def merge_deltas(
     be_name = _prepare(list(deltas) + ([base] if base is not None else []), names, check_finite, backend)
     out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
     if be_name == "reference":
-        if plans_out is not None and get_sparsifier(specs[0].method).joint:  # its plans hold what it kept
-            plans_out.extend(make_plans(None, deltas, specs, w, seed=seed, name=name))
-        return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
+        return _merge_ref(deltas, base, specs, w, combine, seed, name, out_dtype, plans_out)
     return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out,
                       names=names if check_finite else None)
 
@@ -240,10 +238,32 @@ def merge_prepared(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor],
     shape, dtype and device agreement is checked, and NaN/Inf is not. The semantics are
     merge_deltas'; per-call overhead matters on small tensors."""
     V.check_same(list(deltas) + ([base] if base is not None else []), "deltas")
-    be_name = resolve(backend, deltas[0].device)
-    if be_name == "reference":
-        return R.merge_ref(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype)
-    return _apply_one(be_name, list(deltas), base, specs, weights, combine, seed, name, out_dtype)
+    return merge_planned(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype,
+                         backend=resolve(backend, deltas[0].device))
+
+
+def merge_planned(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], specs: Sequence[SparsifySpec],
+                  weights: Sequence[float], combine: CombineSpec, *, seed: int, name: str, out_dtype: torch.dtype,
+                  backend: str, plans_out: Optional[list] = None,
+                  check_as: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """:func:`merge_deltas` with nothing checked or resolved, for the merge engine: it validates
+    each recipe (specs, combine, weights) once per run, resolves ``backend`` once (a backend name,
+    never "auto") and reads tensors of the planned shapes and dtypes. ``check_as``: names of the
+    deltas and then the base, to find NaN/Inf inside the passes that read them (a ValueError
+    naming the input, as merge_deltas'; the reference backend does not check). ``plans_out`` as
+    in merge_deltas."""
+    if backend == "reference":
+        return _merge_ref(deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out)
+    return _apply_one(backend, list(deltas), base, specs, weights, combine, seed, name, out_dtype, plans_out,
+                      names=check_as)
+
+
+def _merge_ref(deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out):
+    """The reference merge; ``plans_out`` receives the plans of a method that merges every delta
+    together (their mask is what it kept); other methods' reference hands out none."""
+    if plans_out is not None and get_sparsifier(specs[0].method).joint:
+        plans_out.extend(make_plans(None, deltas, specs, weights, seed=seed, name=name))
+    return R.merge_ref(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype)
 
 
 def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,
@@ -252,9 +272,17 @@ def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat
     be_name = _prepare([x], ["x"], check_finite, backend)
     if stats_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stats_dtype must be torch.bfloat16 or torch.float16, got {stats_dtype}")
-    if be_name == "reference":
+    return histogram_planned(x, stats_dtype, backend=be_name, check_as="x" if check_finite else None)
+
+
+def histogram_planned(x: torch.Tensor, stats_dtype: torch.dtype, *, backend: str,
+                      check_as: Optional[str] = None) -> torch.Tensor:
+    """:func:`tensor_histogram` with nothing checked or resolved, for the merge engine (as
+    :func:`merge_planned`). ``check_as``: the name of x, to find NaN/Inf inside the pass (the
+    reference backend does not check)."""
+    if backend == "reference":
         return R.histogram_ref(x, stats_dtype)
-    return V.histogram_checked(get_backend(be_name), x.contiguous(), stats_dtype, "x" if check_finite else None)
+    return V.histogram_checked(get_backend(backend), x.contiguous(), stats_dtype, check_as)
 
 
 def dp_densities(

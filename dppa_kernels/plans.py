@@ -15,6 +15,7 @@ from .backends.base import ApplyPlan
 from .methods.registry import get_sparsifier
 from .reference.sparsify import L1_EPS
 from .spec import SparsifySpec
+from .vocab import partition_geometry
 
 # Several levels of one 16-bit-keyed tensor come from one 32768-bin histogram from this size on;
 # below, a select per level costs less than the histogram's fixed cost (CPU backend, 2 levels:
@@ -23,15 +24,12 @@ _HIST_LEVELS_MIN = 1 << 16
 
 
 def _partition_lengths(x: torch.Tensor, partition: str, block_size: Optional[int]) -> torch.Tensor:
-    n = x.numel()
-    if partition == "tensor":
-        return torch.tensor([n], dtype=torch.int64)
-    if partition == "row":
-        cols = x.shape[-1] if x.dim() else 1
-        return torch.full((n // cols if cols else 0,), cols, dtype=torch.int64)
-    full, rest = divmod(n, block_size)
-    lengths = torch.full((full,), block_size, dtype=torch.int64)
-    return torch.cat([lengths, torch.tensor([rest], dtype=torch.int64)]) if rest else lengths
+    """int64 length of every partition (``vocab.partition_geometry``; the last may be shorter)."""
+    length, parts = partition_geometry(x.shape, partition, block_size)
+    lengths = torch.full((parts,), length, dtype=torch.int64)
+    if parts:
+        lengths[-1] = x.numel() - (parts - 1) * length
+    return lengths
 
 
 def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch.Tensor:

@@ -9,9 +9,7 @@ from typing import Optional
 
 import torch
 
-COMBINES = ("sum", "ties")
-ELECTS = ("weighted_sum", "count", "sum", "frequency")
-DIVISORS = ("weights", "count", "none")
+from .vocab import COMBINES, DIVISORS, ELECTS  # noqa: F401  (re-exported: the combine vocabulary)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,14 @@ For element e and model i (plan semantics in ``backends.base``):
            (÷ Σ w_i·agree_i (0 → 1) | max(Σ agree_i, 1) | 1)
     out  = cast(base[e] + λ·mixed)             (one rounding, to out_dtype)
 
+Arithmetic: every fp32 operation above rounds on its own, in the order written (model order for
+the sums), and the division is IEEE (``div_rn``): the same operations as the torch and CPU
+backends and mergekit, so all of them give the same bytes. Hence the launches pass
+``enable_fp_fusion=False`` (``LAUNCH``): triton would otherwise contract ``vote + v·w`` and
+``base + mixed·λ`` into fmas (one rounding instead of two), which moves near-zero TIES votes to
+the other sign and every sum off mergekit's by an ulp; and a plain ``/`` is the approximate
+``div.full.f32``.
+
 Thresholds: level j keeps key > τ_j[p], and key == τ_j[p] if (``ge``) always, (``gt``) never,
 (``exact_k``) its rank among the ties of its partition, in flat index order, is < budget[p, j].
 Ranks (only for levels where some partition keeps part of its ties) come from a tie-count pass:
@@ -31,13 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vocab import DIVISOR_CODES, ELECT_CODES, PLAN_KIND_CODES, partition_geometry
 from .common import hash_bits, interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 HDR = tl.constexpr(8)  # int64 header of a model's metadata: L, P, C, k1, k2, thr32, -, -
-KIND = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
-ELECT = {"weighted_sum": 0, "count": 1, "sum": 2, "frequency": 3}
-DIVISOR = {"weights": 0, "count": 1, "none": 2}
 ALL_TIES = 1 << 62  # budget meaning "keep every tie" (tie_mode ge)
+# launch options of every kernel here: fp32 rounds like torch (module docstring, "Arithmetic")
+LAUNCH = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -126,7 +134,7 @@ def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, NF_ptr, n,
     if COMBINE == 0:
         for i in tl.static_range(M):
             mixed += vals[i] * wts[i]
-        div = tl.load(FP + 1)  # Σw (|Σw| < 1e-8 → 1), M or 1, from the host
+        div = tl.zeros((BLOCK,), tl.float32) + tl.load(FP + 1)  # Σw (|Σw| < 1e-8 → 1), M or 1, from the host
     else:
         vote = tl.zeros((BLOCK,), tl.float32)
         for i in tl.static_range(M):
@@ -158,7 +166,7 @@ def _apply_kernel(Ds, MASKS, METAS, RANKS, FP, B_ptr, O_ptr, NF_ptr, n,
         else:
             div = tl.full((BLOCK,), 1.0, tl.float32)
     if NORMALIZE:
-        mixed = mixed / div
+        mixed = tl.math.div_rn(mixed, div)  # IEEE: a plain / is div.full.f32 (2 ulp)
     mixed = mixed * lam
     if HAS_BASE:
         b = tl.load(B_ptr + offs, mask=ok, other=0)
@@ -219,7 +227,7 @@ class _Model:
 
     def __init__(self, delta: torch.Tensor, plan, n_chunks: int):
         n = delta.numel()
-        self.kind = KIND[plan.kind]
+        self.kind = PLAN_KIND_CODES[plan.kind]
         self.key_mode, self.nlev, self.ranked, self.part = 0, 1, 0, 0
         header = [n, 1, n_chunks, 0, 0, 0, 0, 0]
         body = torch.zeros(0, dtype=torch.int64)
@@ -228,12 +236,8 @@ class _Model:
             self.key_mode, _ = key_mode(delta.dtype, plan.key_dtype)
             tau = plan.tau_key.to(torch.int64).cpu().reshape(plan.tau_key.shape[0], -1)
             n_parts, nlev = tau.shape
-            if plan.partition == "row":
-                part_len = delta.shape[-1] if delta.dim() else 1
-            elif plan.partition == "block":
-                part_len = int(plan.block_size)
-            else:
-                part_len = max(n, 1)
+            part_len, _ = partition_geometry(delta.shape, plan.partition, plan.block_size)
+            part_len = max(part_len, 1)  # an empty tensor: one partition of "length 1" (no division by 0)
             self.part = int(n_parts > 1 or part_len < n)
             if plan.tie_mode == "ge":
                 bud = torch.full_like(tau, ALL_TIES)
@@ -273,7 +277,7 @@ def _tie_ranks(delta: torch.Tensor, m: _Model, meta: torch.Tensor, block: int) -
     counts = torch.zeros(m.nlev, n_chunks, dtype=torch.int64, device=delta.device)
     first = torch.zeros(m.nlev, m.n_parts, dtype=torch.int64, device=delta.device)
     _tie_count_kernel[(n_chunks,)](delta, n, meta, counts, first, KEY_MODE=m.key_mode, NLEV=m.nlev,
-                                   RANKED=m.ranked, PART=m.part, BLOCK=block, num_warps=8)
+                                   RANKED=m.ranked, PART=m.part, BLOCK=block, **LAUNCH)
     before_chunk = torch.cumsum(counts, 1) - counts
     start_chunk = (torch.arange(m.n_parts, device=delta.device, dtype=torch.int64) * m.part_len) // block
     before_part = before_chunk[:, start_chunk] + first
@@ -327,9 +331,9 @@ def apply(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], plans, w
         M=len(deltas), KINDS=tuple(m.kind for m in models), KEY_MODES=tuple(m.key_mode for m in models),
         NLEVS=tuple(m.nlev for m in models), RANKEDS=tuple(m.ranked for m in models),
         PARTS=tuple(m.part for m in models), KMAX=kmax, COMBINE=int(combine.combine == "ties"),
-        ELECT=ELECT[combine.elect], DIVISOR=DIVISOR[combine.divisor], NORMALIZE=bool(combine.normalize),
+        ELECT=ELECT_CODES[combine.elect], DIVISOR=DIVISOR_CODES[combine.divisor], NORMALIZE=bool(combine.normalize),
         HAS_BASE=base is not None, CHECKS=checks if base is not None else checks[:-1] + (False,), BLOCK=block,
-        num_warps=8)
+        **LAUNCH)
     # the counts are read only when asked for: an unchecked call stays free of host synchronisation
     return (out, nf.to(torch.int64).cpu()) if check_finite else out
 
@@ -347,6 +351,6 @@ def abs_sums(delta: torch.Tensor, plan) -> tuple[float, float]:
     part = torch.empty(n_chunks, 2, dtype=torch.float64, device=delta.device)
     _abs_sums_kernel[(n_chunks,)](delta, m.mask, metas[0], ranks[0], fp_t, part, n, KIND=m.kind,
                                   KEY_MODE=m.key_mode, NLEV=m.nlev, RANKED=m.ranked, PART=m.part,
-                                  BLOCK=block, num_warps=8)
+                                  BLOCK=block, **LAUNCH)
     s = part.sum(0).cpu()  # the result must reach the host
     return float(s[0]), float(s[1])

@@ -1,7 +1,8 @@
 """Shared Triton device helpers: magnitude keys, the counter-based hash RNG, launch helpers.
 
 Magnitude key (``reference.threshold``): the bits of x rounded to the key dtype, sign cleared:
-15 bits for bf16/fp16, 31 for fp32. ``KEY_MODE`` (a constexpr, see :func:`key_mode`):
+15 bits for bf16/fp16, 31 for fp32. ``KEY_MODE`` (a constexpr; the codes of ``vocab.KEY_MODE_CODES``,
+chosen by :func:`vocab.key_mode`):
 
     0  x is bf16/fp16 and the key dtype is x's dtype: bits & 0x7FFF
     1  fp32 key (x of any dtype, widened exactly): bits & 0x7FFFFFFF
@@ -14,28 +15,15 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
+
+from ..vocab import key_mode  # noqa: F401  (the kernels' KEY_MODE constexpr)
 
 
 def interpreting() -> bool:
     """Whether triton runs kernels in its CPU interpreter (read once by triton at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def key_mode(x_dtype: torch.dtype, key_dtype) -> tuple[int, int]:
-    """(KEY_MODE, key bits) for a tensor of ``x_dtype`` keyed in ``key_dtype`` (None = own dtype)."""
-    kd = key_dtype or x_dtype
-    if kd == torch.float32:
-        return 1, 31
-    if kd == x_dtype:
-        return 0, 15
-    if kd == torch.bfloat16:
-        return 2, 15
-    if kd == torch.float16:
-        return 3, 15
-    raise TypeError(f"key_dtype must be bfloat16, float16 or float32, got {kd}")
 
 
 def next_pow2(n: int) -> int:

@@ -6,8 +6,9 @@ the bundled ptxas). No driver is needed. Must run in a process where ``TRITON_IN
 
     python -m dppa_kernels.kernels.compile_check [sm [name]]   # default sm 90; name: only kernels matching it
 
-Kernels with float64 arithmetic that must round like the reference (``kernels.della``) also have
-their PTX checked: no fma, every mul and add with an explicit round-to-nearest (``check_fp64_rounding``).
+Kernels with float arithmetic that must round like the reference (``kernels.della``, fp64) or like
+torch (``kernels.apply``, fp32) also have their PTX checked: no fma, every mul and add with an explicit
+round-to-nearest, IEEE division (``check_rounding``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import os
 import sys
 
-FP64_NO_FMA = "fp64 without fma"  # marker: the PTX must round every fp64 mul and add (kernels.della)
+FP64_NO_FMA = "f64"  # marker: the PTX must round every fp64 mul and add (kernels.della)
+FP32_NO_FMA = "f32"  # marker: the PTX must round every fp32 mul, add and div (kernels.apply)
+LOADS_THEN_BARRIER = "barrier"  # marker: every global load precedes a CTA barrier, every store follows it
 
 
 def _cases():
@@ -34,7 +37,7 @@ def _cases():
     yield (S._window_update_kernel,
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
-           dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16))
+           dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16), {"num_warps": 4}, LOADS_THEN_BARRIER)
     for xt, mode in (("*fp16", 0), ("*fp32", 2)):
         yield H._hist15_kernel, {"X_ptr": xt, "n": "i64", "H_ptr": "*i64"}, dict(KEY_MODE=mode, BLOCK=1024)
     # apply: TIES of 3 magnitude-pruned bf16 deltas (one ranked per-row level), DPPA bands, DARE+mask
@@ -50,12 +53,12 @@ def _cases():
         checks = tuple(i % 2 == 1 or (i == m and has_base) for i in range(m + 1))  # some deltas and the base
         yield A._apply_kernel, sig, dict(M=m, KINDS=kinds, KEY_MODES=modes, NLEVS=nlevs, RANKEDS=ranked, PARTS=parts,
                                          KMAX=max(nlevs), COMBINE=comb, ELECT=comb, DIVISOR=0, NORMALIZE=True,
-                                         HAS_BASE=has_base, CHECKS=checks, BLOCK=2048)
+                                         HAS_BASE=has_base, CHECKS=checks, BLOCK=2048), A.LAUNCH, FP32_NO_FMA
     yield (A._abs_sums_kernel, {"D_ptr": "*bf16", "MASK": "*u8", "META": "*i64", "RANK": "*i64", "FP": "*fp32",
                                 "OUT": "*fp64", "n": "i64"},
-           dict(KIND=1, KEY_MODE=0, NLEV=2, RANKED=2, PART=1, BLOCK=2048))
+           dict(KIND=1, KEY_MODE=0, NLEV=2, RANKED=2, PART=1, BLOCK=2048), A.LAUNCH)
     yield (A._tie_count_kernel, {"X_ptr": "*fp32", "n": "i64", "META": "*i64", "COUNTS": "*i64", "FIRST": "*i64"},
-           dict(KEY_MODE=1, NLEV=2, RANKED=3, PART=1, BLOCK=2048))
+           dict(KEY_MODE=1, NLEV=2, RANKED=3, PART=1, BLOCK=2048), A.LAUNCH)
     # DELLA, launched without fp fusion as della_mask does: int32 composites (fp16 tiles of 16 short
     # rows, bf16 rows of 16384), int64 (a 1-D fp32 tensor of 4096: triton turns n_rows == 1 into a
     # constant), rows of one column (cols == 1 a constant: no division), the ranked path
@@ -73,16 +76,31 @@ def _cases():
            dict(BLOCK=DL.RANKED_BLOCK), dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)
 
 
-def check_fp64_rounding(ptx: str) -> None:
-    """The fp64 arithmetic of ``kernels.della`` rounds like the reference: no fma, and every mul and
-    add carries ``.rn`` (ptxas fuses only mul/add without a rounding modifier; fp64 div is always
-    ``div.rn.f64``)."""
-    if "fma.rn.f64" in ptx or "mul.f64" in ptx or "add.f64" in ptx:
-        raise AssertionError("fp64 fma, or a mul/add that ptxas may contract, in a kernel that must "
-                             "round every fp64 operation (launch it with enable_fp_fusion=False)")
-    for op in ("mul.rn.f64", "add.rn.f64"):
+def check_rounding(ptx: str, width: str) -> None:
+    """Every ``width`` (``f64``: ``kernels.della``; ``f32``: ``kernels.apply``) float operation of the
+    PTX rounds on its own like the reference / torch: no fma, every mul and add carries ``.rn``
+    (ptxas fuses only mul/add without a rounding modifier), division is ``div.rn``."""
+    bad = [op for op in (f"fma.rn.{width}", f"mul.{width}", f"add.{width}", f"div.full.{width}",
+                         f"div.approx.{width}", f"div.approx.ftz.{width}") if op in ptx]
+    if bad:
+        raise AssertionError(f"{', '.join(bad)} in the PTX of a kernel that must round every {width} operation "
+                             "(launch it with enable_fp_fusion=False; divide with tl.math.div_rn)")
+    for op in (f"mul.rn.{width}", f"add.rn.{width}"):
         if op not in ptx:
-            raise AssertionError(f"{op} missing from the PTX of a DELLA kernel")
+            raise AssertionError(f"{op} missing from the PTX of a kernel that must round every {width} operation")
+
+
+def check_loads_then_barrier(ttgir: str) -> None:
+    """Every ``tt.load`` comes before a ``gpu.barrier`` that comes before every ``tt.store``: a kernel
+    that resets the state it read (``kernels.select`` window update) must not let one warp store
+    before another has loaded (their thread layouts differ)."""
+    lines = ttgir.splitlines()
+    loads = [i for i, ln in enumerate(lines) if "tt.load " in ln]
+    stores = [i for i, ln in enumerate(lines) if "tt.store " in ln]
+    barriers = [i for i, ln in enumerate(lines) if "gpu.barrier" in ln]
+    if loads and stores and not any(max(loads) < b < min(stores) for b in barriers):
+        raise AssertionError("a global store is not separated from the loads by a CTA barrier "
+                             "(tl.debug_barrier() after the last load)")
 
 
 def fused_fp64_fma_count(sm: int = 90) -> int:
@@ -95,7 +113,7 @@ def fused_fp64_fma_count(sm: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, sig, consts, opts, _ = next(c for c in _cases() if len(c) > 4)
+    fn, sig, consts, opts, _ = next(c for c in _cases() if len(c) > 4 and c[4] == FP64_NO_FMA)
     src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options={**opts, "enable_fp_fusion": True})
     return k.asm["ptx"].count("fma.rn.f64")
@@ -120,8 +138,10 @@ def compile_all(sm: int = 90, only: str = "") -> int:
         full.update({k: "constexpr" for k in consts})
         src = ASTSource(fn, full, constexprs=consts)
         k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=opts)
-        if len(case) > 4 and case[4] == FP64_NO_FMA:
-            check_fp64_rounding(k.asm["ptx"])
+        if len(case) > 4 and case[4] == LOADS_THEN_BARRIER:
+            check_loads_then_barrier(k.asm["ttgir"])
+        elif len(case) > 4:
+            check_rounding(k.asm["ptx"], case[4])
         count += 1
     return count
 

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vocab import HIST_BINS
 from .common import interpreting, key_mode, magnitude_key, next_pow2
-
-HIST_BINS = 32768
 
 
 @triton.jit

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vocab import partition_geometry
 from .common import interpreting, key_mode, magnitude_key, next_pow2, nonfinite
 
 NB = 64  # bins per count pass
@@ -116,6 +117,10 @@ def _window_update_kernel(K_ptr, LO_ptr, SHIFT_ptr, DONE_ptr, ABOVE_ptr, HIST_pt
     bins = tl.arange(0, NBINS)
     hptr = HIST_ptr + p[:, None] * NBINS + bins[None, :]
     hist = tl.load(hptr, mask=ok[:, None], other=0)
+    # Every warp must have read ABOVE/HIST before one of them resets it: the compiler gives the
+    # loads and the stores different thread layouts (a value is read by several warps, stored by
+    # one), and without this barrier a late warp read the zeros and picked a wrong bin.
+    tl.debug_barrier()
     tl.store(hptr, tl.zeros_like(hist), mask=ok[:, None])
     tl.store(ABOVE_ptr + p, tl.zeros_like(above), mask=ok)
 
@@ -192,13 +197,7 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
     """
     mode, nbits = key_mode(x.dtype, key_dtype)
     n = x.numel()
-    if partition == "tensor":
-        part_len, n_parts = n, 1
-    elif partition == "row":
-        part_len = x.shape[-1] if x.dim() else 1
-        n_parts = n // part_len if part_len else 0
-    else:
-        part_len, n_parts = int(block_size), -(-n // int(block_size))
+    part_len, n_parts = partition_geometry(x.shape, partition, block_size)
     dev = x.device
     kk = k.to(device=dev, dtype=torch.int64).contiguous()  # a strided view would be misread
     # τ, c_above, c_eq per partition, then the NaN/Inf count (one row, so one copy to the host)

@@ -7,6 +7,7 @@ present). A syntax, type or link error fails CI. Skipped only when nvcc is absen
 """
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -87,7 +88,12 @@ def test_module_links_and_imports(objects):
         "import _cuda\n"
         "for f in ('histogram15', 'select_tensor', 'select_partitions'):\n"
         "    assert callable(getattr(_cuda, f)), f\n"
+        "import json; print(json.dumps(_cuda.VOCAB))\n"
         "print('ok')\n" % str(out)
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    # the codes and limits the CUDA sources compiled are the ones the loader will accept
+    from dppa_kernels.vocab import vocab_mismatch
+
+    assert vocab_mismatch(json.loads(r.stdout.splitlines()[0])) == ""

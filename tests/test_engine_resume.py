@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dppa_kernels.engine.outdir import tmp_path as partial_dir
-from dppa_kernels.engine.shards import ShardWriter
+from dppa_kernels.engine.shards import Journal
 from engine_util import ROOT, cli, cli_subprocess, dir_digest, family, leftovers, tree_state, write_config
 
 
@@ -85,15 +85,15 @@ def _interrupted(tmp_path, monkeypatch, after: int = 2):
     base, fts = family(tmp_path / "fam", layers=3)
     cfg = write_config(tmp_path / "c.yaml", "ties", base, fts)
     assert cli("merge", cfg, "--out", tmp_path / "clean", *ARGS).exit_code == 0
-    real = ShardWriter._finish
+    real = Journal.record
 
-    def stop_after(self):
-        real(self)
-        if len(self.journal.done) == after:
+    def stop_after(self, result):
+        real(self, result)
+        if len(self.done) == after:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(ShardWriter, "_finish", stop_after)
+        m.setattr(Journal, "record", stop_after)
         r = cli("merge", cfg, "--out", tmp_path / "out", *ARGS)
     assert r.exit_code == 130 and "--resume" in r.output
     assert len(json.load(open(os.path.join(partial_dir(str(tmp_path / "out")), "journal.json")))["done"]) == after

@@ -196,7 +196,7 @@ def test_engine_failure_is_an_error_not_a_fallback(fam, tmp_path, monkeypatch, c
     def boom(*a, **k):
         raise MergeError("simulated failure after the merge")
 
-    monkeypatch.setattr(mergekit_layout, "finish_layout", boom)
+    monkeypatch.setattr(mergekit_layout, "write_layout", boom)
     monkeypatch.setattr(cli_mod, "build_command", lambda: pytest.fail("the fallback ran after a refusal"))
     params, _ = CASES["ties"]
     path = _write(config("ties", fam, params), tmp_path / "cfg.yml")

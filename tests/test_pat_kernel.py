@@ -138,12 +138,16 @@ def test_strided_input_and_inputs_untouched(device):
         assert torch.equal(a, b)
 
 
-def test_identity_at_init_is_exact():
-    """L1 = 0, s = 1, m = 1: out = y exactly (the prepared model equals the base at step 0)."""
-    y = torch.randn(5, 32)
-    out = hsm(y, torch.randn(2, 32), torch.zeros(32, 2), torch.ones(32), torch.ones(32),
-              backend="triton" if triton_status()[0] else "torch")
-    assert torch.equal(out, y)
+@pytest.mark.parametrize("device", _devices())
+def test_identity_at_init_is_exact(device):
+    """L1 = 0, s = 1, m = 1: out = y exactly (the prepared model equals the base at step 0), with
+    the tensors on the device the kernels run on (compiled Triton: CUDA only)."""
+    y = torch.randn(5, 32, device=device)
+    l0, l1 = torch.randn(2, 32, device=device), torch.zeros(32, 2, device=device)
+    s = m = torch.ones(32, device=device)
+    for backend in ("triton", "torch"):
+        out = hsm(y, l0, l1, s, m, backend=backend)
+        assert out.device == y.device and torch.equal(out, y), backend
 
 
 def test_forced_triton_unavailable_raises_and_auto_falls_back(monkeypatch):

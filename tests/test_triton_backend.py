@@ -162,6 +162,26 @@ def test_apply_writes_nothing_out_of_bounds():
     assert bool((sentinel[n:] == 7.0).all())
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dppa_ties", "della"])
+def test_merge_bytes_equal_torch_backend(out_dtype, method):
+    """The fused pass computes the torch backend's fp32 formula op for op (each op rounded, IEEE
+    division, model order), so the bytes are equal; on a GPU this holds only because the kernel is
+    launched without fp fusion (``kernels.apply.LAUNCH``). Not bf16 under the interpreter (its
+    fp32 -> bf16 stores truncate)."""
+    base, deltas = family((61, 257), 3, torch.float16, sigma=1e-3)
+    base = base.to(out_dtype)
+    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
+    if method == "della":
+        params["epsilon"] = 0.1
+    if method.startswith("dppa"):
+        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]], "alphas": [1.8, 1.0]}
+    kw = dict(method=method, seed=5, name="t", normalize=True, **params)
+    got = dk.merge_deltas([_dev(d) for d in deltas], _dev(base), backend="triton", **kw).cpu()
+    want = dk.merge_deltas(deltas, base, backend="torch", **kw)
+    assert torch.equal(got, want), int((got != want).sum())
+
+
 def test_empty_and_non_contiguous_inputs():
     x = realistic_delta((64, 33), torch.float32).t()  # non-contiguous: ops makes it contiguous
     got = dk.prune(_dev(x), "magnitude", density=0.3, backend="triton").cpu()

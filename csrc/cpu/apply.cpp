@@ -54,7 +54,7 @@ void combine_sum(const CombineDesc& c, const float* w, int M, int64_t len, const
     for (int64_t e = 0; e < len; ++e) mix[e] = mix[e] + v[e] * wi;
   }
   if (c.normalize) {
-    const float div = c.divisor == 0 ? float(c.sum_divisor) : c.divisor == 1 ? float(M) : 1.f;
+    const float div = c.divisor == kDivWeights ? float(c.sum_divisor) : c.divisor == kDivCount ? float(M) : 1.f;
     for (int64_t e = 0; e < len; ++e) mix[e] = mix[e] / div;
   }
 }
@@ -63,7 +63,8 @@ void combine_sum(const CombineDesc& c, const float* w, int M, int64_t len, const
 // agree), divide by the agreeing weights or count. Same fp32 operations as the torch backend.
 void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, const float* __restrict vbuf,
                   float* __restrict vote, float* __restrict aux, float* __restrict mix) {
-  const bool weighted_src = c.elect == 0 || c.elect == 1, by_sign = c.elect == 1 || c.elect == 3;
+  const bool weighted_src = c.elect == kElectWeightedSum || c.elect == kElectCount;
+  const bool by_sign = c.elect == kElectCount || c.elect == kElectFrequency;
   for (int64_t e = 0; e < len; ++e) vote[e] = 0.f, mix[e] = 0.f, aux[e] = 0.f;
   for (int i = 0; i < M; ++i) {
     const float ws = weighted_src ? w[i] : 1.f;
@@ -77,7 +78,7 @@ void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, cons
       for (int64_t e = 0; e < len; ++e) vote[e] = vote[e] + v[e] * ws;
     }
   }
-  const bool by_weight = c.divisor == 0;
+  const bool by_weight = c.divisor == kDivWeights;
   for (int i = 0; i < M; ++i) {
     const float wi = w[i], ws = weighted_src ? wi : 1.f;
     const float* __restrict v = vbuf + i * kTile;
@@ -90,7 +91,7 @@ void combine_ties(const CombineDesc& c, const float* w, int M, int64_t len, cons
       aux[e] = aux[e] + wa * agree;
     }
   }
-  if (c.normalize && c.divisor != 2) {
+  if (c.normalize && c.divisor != kDivNone) {
     if (by_weight)
       for (int64_t e = 0; e < len; ++e) mix[e] = mix[e] / (aux[e] == 0.f ? 1.f : aux[e]);
     else
@@ -125,7 +126,7 @@ uint32_t run_tile(const Ctx& cx, int64_t t0, int64_t len, std::vector<int64_t>& 
     dispatch_d(m.pd->dtype, [&](auto d) { tile_values<decltype(d)::value>(m.x, m.scale, t0, len, f, vbuf + i * kTile); });
   }
   const CombineDesc& c = cx.comb;
-  if (c.combine == 0) combine_sum(c, cx.weights.data(), M, len, vbuf, mix);
+  if (c.combine == kCombineSum) combine_sum(c, cx.weights.data(), M, len, vbuf, mix);
   else combine_ties(c, cx.weights.data(), M, len, vbuf, f, aux, mix);
   const float lam = float(c.lam);
   return dispatch_d(cx.out_dtype, [&](auto od) {

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "../vocab_export.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -11,9 +12,7 @@ using namespace dppa;
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "dppa_kernels CPU backend (OpenMP); called only through dppa_kernels.backends.cpu";
-  m.attr("BF16") = int(kBF16);
-  m.attr("F16") = int(kF16);
-  m.attr("F32") = int(kF32);
+  export_vocab(m);
   m.attr("SERIAL_BELOW") = kSerialBelow;
   m.def("threads_for", &dppa::resolve_threads,
         "threads_for(nthreads, n): the threads every entry point uses for a call over n elements",

@@ -13,10 +13,9 @@
 #include <string>
 #include <vector>
 
-namespace dppa {
+#include "../vocab.h"  // dtype, plan-kind, tie-mode and combine codes; limits
 
-// dtype codes used on both sides of the binding
-enum Dtype : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+namespace dppa {
 
 inline void check(bool ok, const char* what) {
   if (!ok) throw std::runtime_error(std::string("dppa_kernels._cpu internal invariant: ") + what);
@@ -228,13 +227,11 @@ struct PlanDesc {
   // mask
   uintptr_t mask = 0;  // bool/uint8 [n]
 };
-enum PlanKind : int { kDense = 0, kThresholds = 1, kDare = 2, kMask = 3 };
-enum TieMode : int { kExactK = 0, kGe = 1, kGt = 2 };
 
-// combine: 0 sum, 1 ties; elect: 0 weighted_sum, 1 count, 2 sum, 3 frequency;
-// divisor: 0 weights, 1 count, 2 none. sum_divisor: the precomputed divisor of combine "sum".
+// combine, elect, divisor: the Combine, Elect and Divisor codes of vocab.h. sum_divisor: the
+// precomputed divisor of combine "sum".
 struct CombineDesc {
-  int combine = 0, elect = 0, divisor = 0;
+  int combine = kCombineSum, elect = kElectWeightedSum, divisor = kDivWeights;
   bool normalize = false;
   double lam = 1.0;
   double sum_divisor = 1.0;

@@ -14,7 +14,6 @@ namespace dppa {
 namespace tiles {
 
 constexpr int64_t kTile = 1024;
-constexpr int kMaxLevels = 8;
 enum LevelMode : int { kModeGt = 0, kModeGe = 1, kModeRank = 2 };
 
 struct Model {

@@ -7,12 +7,9 @@
 
 #include <cuda_runtime.h>
 
-namespace dppa {
+#include "../vocab.h"  // element dtype codes (Dtype), magnitude-key modes (KeyMode), kHistBins
 
-// Element dtype codes and magnitude-key modes (same numbering as kernels/common.py).
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-// 0: 16-bit x keyed in its own dtype; 1: fp32 key; 2: bf16 key (RNE) of fp32/fp16; 3: fp16 key of fp32/bf16.
-enum KeyMode : int { kNative16 = 0, kF32Key = 1, kBF16Key = 2, kF16Key = 3 };
+namespace dppa {
 
 // One radix pass over x: histogram of digit (key >> shift) & (2^bits - 1) of the keys whose
 // already-decided high bits match state (prefix, mask); per-CTA shared-memory histogram (4·2^bits

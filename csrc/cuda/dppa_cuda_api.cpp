@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include "../vocab_export.h"
 #include "dppa_cuda.h"
 
 namespace py = pybind11;
@@ -70,5 +71,5 @@ PYBIND11_MODULE(_cuda, m) {
         "keys; for k <= 0 counted only with scan_all); k is P int64 on the device",
         py::arg("x"), py::arg("n"), py::arg("part_len"), py::arg("n_parts"), py::arg("dtype"), py::arg("key_mode"),
         py::arg("k"), py::arg("scan_all"), py::arg("out"), py::arg("stream"), nogil);
-  m.attr("DTYPES") = py::dict(py::arg("float32") = 0, py::arg("bfloat16") = 1, py::arg("float16") = 2);
+  dppa::export_vocab(m);
 }

@@ -14,26 +14,15 @@ from __future__ import annotations
 import torch
 
 from .._C import cpu_extension
-from ..reference.dppa import HIST_BINS
 from ..reference.threshold import no_keep_key
-from ..spec import COMBINES, DIVISORS, ELECTS
+from ..vocab import (COMBINE_CODES, DIVISOR_CODES, ELECT_CODES, HIST_BINS, PLAN_KIND_CODES, TIE_MODE_CODES,
+                     dtype_code, partition_geometry)
 from .base import ApplyPlan, Backend, NonFiniteInput
-
-_KINDS = {"dense": 0, "thresholds": 1, "dare": 2, "mask": 3}
-_TIE_MODES = {"exact_k": 0, "ge": 1, "gt": 2}
 
 
 def _nthreads() -> int:
     """Threads offered to the extension (it uses one for calls below its SERIAL_BELOW elements)."""
     return torch.get_num_threads()
-
-
-_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-
-
-def _code(dtype: torch.dtype) -> int:
-    assert dtype in _CODES, f"CPU backend dtype must be bf16, fp16 or fp32, got {dtype}"
-    return _CODES[dtype]
 
 
 def _int64_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -43,18 +32,10 @@ def _int64_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _part_len(shape, n: int, partition: str, block_size) -> int:
-    """Partition length L (the last partition may be shorter); partitions = ceil(n / L)."""
-    if partition == "tensor":
-        return max(n, 1)
-    if partition == "row":
-        return shape[-1] if len(shape) else 1
-    assert partition == "block" and block_size and block_size >= 1, (partition, block_size)
-    return int(block_size)
-
-
-def _parts(n: int, length: int) -> int:
-    return -(-n // length) if length else 0
+def _geometry(shape, partition: str, block_size) -> tuple[int, int]:
+    """(L, P) of ``vocab.partition_geometry``, with L >= 1 for the extension (one empty tensor partition)."""
+    length, parts = partition_geometry(shape, partition, block_size)
+    return max(length, 1) if partition == "tensor" else length, parts
 
 
 class CpuBackend(Backend):
@@ -80,8 +61,7 @@ class CpuBackend(Backend):
         kd = key_dtype or x.dtype
         x = x.contiguous()
         n = x.numel()
-        length = _part_len(tuple(x.shape), n, partition, block_size)
-        parts = _parts(n, length) if n else (1 if partition == "tensor" else 0)
+        length, parts = _geometry(x.shape, partition, block_size)
         out = torch.zeros(3, parts, dtype=torch.int64)  # one allocation: small calls are common
         tau, above, eq = out[0], out[1], out[2]
         tau.fill_(no_keep_key(kd))
@@ -89,8 +69,8 @@ class CpuBackend(Backend):
             return tau, above, eq
         k = _int64_cpu(k)
         assert k.numel() == parts, f"k has {k.numel()} entries for {parts} partitions"
-        nonfinite = self._m.select(x.data_ptr(), _code(x.dtype), n, length, _code(kd), k.data_ptr(), tau.data_ptr(),
-                                   above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
+        nonfinite = self._m.select(x.data_ptr(), dtype_code(x.dtype), n, length, dtype_code(kd), k.data_ptr(),
+                                   tau.data_ptr(), above.data_ptr(), eq.data_ptr(), bool(check_finite), _nthreads())
         if check_finite and nonfinite:
             raise NonFiniteInput((0,))
         return tau, above, eq
@@ -98,7 +78,7 @@ class CpuBackend(Backend):
     def histogram(self, x, stats_dtype):
         x = x.contiguous()
         out = torch.zeros(HIST_BINS, dtype=torch.int64)
-        self._m.histogram(x.data_ptr(), _code(x.dtype), x.numel(), _code(stats_dtype), out.data_ptr(),
+        self._m.histogram(x.data_ptr(), dtype_code(x.dtype), x.numel(), dtype_code(stats_dtype), out.data_ptr(),
                           _nthreads())
         return out
 
@@ -109,16 +89,16 @@ class CpuBackend(Backend):
         delta = delta.contiguous()
         keep.append(delta)
         n = delta.numel()
-        d.kind = _KINDS[plan.kind]
+        d.kind = PLAN_KIND_CODES[plan.kind]
         d.data = delta.data_ptr()
-        d.dtype = _code(delta.dtype)
+        d.dtype = dtype_code(delta.dtype)
         d.scale = float(plan.scale)
         if plan.kind == "thresholds":
-            length = _part_len(tuple(delta.shape), n, plan.partition, plan.block_size)
-            parts, levels = _parts(n, length), len(plan.factors)
+            length, parts = _geometry(delta.shape, plan.partition, plan.block_size)
+            levels = len(plan.factors)
             d.L = length
-            d.key_dtype = _code(plan.key_dtype or delta.dtype)
-            d.tie_mode = _TIE_MODES[plan.tie_mode]
+            d.key_dtype = dtype_code(plan.key_dtype or delta.dtype)
+            d.tie_mode = TIE_MODE_CODES[plan.tie_mode]
             d.K = levels
             d.factors = [float(f) for f in plan.factors]
             for field in ("tau_key", "budget", "c_eq") if plan.tie_mode == "exact_k" else ("tau_key",):
@@ -152,9 +132,9 @@ class CpuBackend(Backend):
             d.weight = float(w)
             descs.append(d)
         c = self._m.CombineDesc()
-        c.combine = COMBINES.index(combine.combine)
-        c.elect = ELECTS.index(combine.elect)
-        c.divisor = DIVISORS.index(combine.divisor)
+        c.combine = COMBINE_CODES[combine.combine]
+        c.elect = ELECT_CODES[combine.elect]
+        c.divisor = DIVISOR_CODES[combine.divisor]
         c.normalize = bool(combine.normalize)
         c.lam = float(combine.lam)
         s = float(sum(float(w) for w in weights))  # "sum" combine divides by Σw (1 when ~0)
@@ -163,10 +143,10 @@ class CpuBackend(Backend):
         if base is not None:
             base = base.contiguous()
             assert base.numel() == n, f"base has {base.numel()} elements, deltas {n}"
-            base_ptr, base_code = base.data_ptr(), _code(base.dtype)
+            base_ptr, base_code = base.data_ptr(), dtype_code(base.dtype)
         out = torch.empty(shape, dtype=out_dtype)
         # a NaN/Inf result: some checked input is non-finite (the others are known finite), or fp32 overflowed
-        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), _code(out_dtype), n, bool(check_finite),
+        if self._m.apply(descs, base_ptr, base_code, c, out.data_ptr(), dtype_code(out_dtype), n, bool(check_finite),
                          _nthreads()):
             raise NonFiniteInput(check_finite)
         return out
@@ -180,7 +160,7 @@ class CpuBackend(Backend):
         delta = delta.contiguous()
         cols = delta.shape[-1] if delta.dim() else 1
         out = torch.empty(delta.shape, dtype=torch.bool)
-        self._m.della_mask(delta.data_ptr(), _code(delta.dtype), delta.numel(), cols, float(density),
+        self._m.della_mask(delta.data_ptr(), dtype_code(delta.dtype), delta.numel(), cols, float(density),
                            float(epsilon), int(k1), int(k2), out.view(torch.uint8).data_ptr(),
                            _nthreads())
         return out

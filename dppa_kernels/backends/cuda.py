@@ -27,31 +27,11 @@ import threading
 import torch
 
 from .._C import cuda_extension
+from ..vocab import HIST_BINS, dtype_code, key_mode, partition_geometry
 from .base import Backend, NonFiniteInput
 
-_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-HIST_BINS = 32768
 _BIG_PART = 1 << 20  # partitions at least this long use the grid-wide kernel, one launch chain each
 _MAX_BIG_PARTS = 8
-
-
-def _key_mode(x_dtype, key_dtype) -> tuple[int, int]:
-    kd = key_dtype or x_dtype
-    if kd == torch.float32:
-        return 1, 31
-    if kd == x_dtype:
-        return 0, 15
-    return (2, 15) if kd == torch.bfloat16 else (3, 15)
-
-
-def _partitions(x: torch.Tensor, partition: str, block_size) -> tuple[int, int]:
-    n = x.numel()
-    if partition == "tensor":
-        return n, 1
-    if partition == "row":
-        cols = x.shape[-1] if x.dim() else 1
-        return cols, (n // cols if cols else 0)
-    return int(block_size), -(-n // int(block_size))
 
 
 class CudaBackend(Backend):
@@ -78,8 +58,8 @@ class CudaBackend(Backend):
     # -- select / histogram: CUDA C++ -------------------------------------------------------
 
     def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
-        mode, nbits = _key_mode(x.dtype, key_dtype)
-        part_len, n_parts = _partitions(x, partition, block_size)
+        mode, nbits = key_mode(x.dtype, key_dtype)
+        part_len, n_parts = partition_geometry(x.shape, partition, block_size)
         n = x.numel()
         if n_parts == 0 or n == 0:
             z = torch.zeros(n_parts, dtype=torch.int64)
@@ -102,7 +82,7 @@ class CudaBackend(Backend):
                         out[p, 0] = 1 << nbits
                         continue
                     # k = 0 under the check: a k = 1 select reads the partition; only its count is kept
-                    ext.select_tensor(x.data_ptr() + start * esize, length, _DTYPE[x.dtype], mode, max(kp, 1),
+                    ext.select_tensor(x.data_ptr() + start * esize, length, dtype_code(x.dtype), mode, max(kp, 1),
                                       hist.data_ptr(), state.data_ptr(), out[p].data_ptr(), stream)
                     if kp <= 0:
                         out[p, :3] = torch.tensor([1 << nbits, 0, 0], device=x.device)
@@ -110,7 +90,7 @@ class CudaBackend(Backend):
             else:
                 kd = k.to(x.device)
                 out = torch.empty(4, n_parts, dtype=torch.int64, device=x.device)
-                ext.select_partitions(x.data_ptr(), n, part_len, n_parts, _DTYPE[x.dtype], mode, kd.data_ptr(),
+                ext.select_partitions(x.data_ptr(), n, part_len, n_parts, dtype_code(x.dtype), mode, kd.data_ptr(),
                                       bool(check_finite), out.data_ptr(), stream)
                 res = out.cpu()
         if check_finite and bool(res[3].any()):
@@ -118,13 +98,13 @@ class CudaBackend(Backend):
         return res[0].contiguous(), res[1].contiguous(), res[2].contiguous()
 
     def histogram(self, x, stats_dtype):
-        mode, nbits = _key_mode(x.dtype, stats_dtype)
+        mode, nbits = key_mode(x.dtype, stats_dtype)
         if nbits != 15:
             raise ValueError(f"stats_dtype must be bfloat16 or float16, got {stats_dtype}")
         with torch.cuda.device(x.device):
             hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=x.device)
             if x.numel():
-                self._ext().histogram15(x.data_ptr(), x.numel(), _DTYPE[x.dtype], mode, hist.data_ptr(),
+                self._ext().histogram15(x.data_ptr(), x.numel(), dtype_code(x.dtype), mode, hist.data_ptr(),
                                         torch.cuda.current_stream(x.device).cuda_stream)
             return hist.cpu()
 

@@ -10,19 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..reference import rng
-from ..reference.dppa import HIST_BINS
 from ..reference.threshold import magnitude_keys, no_keep_key
+from ..vocab import HIST_BINS, partition_geometry
 from .base import ApplyPlan, Backend, NonFiniteInput, nonfinite_key
-
-
-def _partition_index(n: int, shape, partition: str, block_size) -> tuple[torch.Tensor, int]:
-    """(partition length L, number of partitions P) as a padded 2-D layout helper."""
-    if partition == "tensor":
-        return n, 1
-    if partition == "row":
-        cols = shape[-1] if len(shape) else 1
-        return cols, (n // cols if cols else 0)
-    return block_size, -(-n // block_size)
 
 
 def _as_2d(flat: torch.Tensor, length: int, parts: int, fill) -> torch.Tensor:
@@ -44,7 +34,7 @@ class TorchBackend(Backend):
     def select(self, x, k, partition, block_size, key_dtype, *, check_finite=False):
         kd = key_dtype or x.dtype
         keys = magnitude_keys(x, kd).reshape(-1)
-        length, parts = _partition_index(keys.numel(), x.shape, partition, block_size)
+        length, parts = partition_geometry(x.shape, partition, block_size)
         if parts == 0 or keys.numel() == 0:
             z = torch.zeros(parts, dtype=torch.int64)
             return torch.full((parts,), no_keep_key(kd), dtype=torch.int64), z, z.clone()
@@ -74,7 +64,7 @@ class TorchBackend(Backend):
         if plan.kind == "mask":
             return plan.mask.reshape(-1).to(torch.float32)
         keys = magnitude_keys(delta, plan.key_dtype or delta.dtype).reshape(-1)
-        length, parts = _partition_index(n, delta.shape, plan.partition, plan.block_size)
+        length, parts = partition_geometry(delta.shape, plan.partition, plan.block_size)
         k2d = _as_2d(keys, length, parts, -1)
         tau = plan.tau_key.to(dev)
         budget = plan.budget.to(dev) if plan.budget is not None else None

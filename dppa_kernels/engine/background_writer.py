@@ -11,7 +11,7 @@ class BackgroundWriter:
 
     At most ``depth`` merged tensors wait in the queue, so memory stays bounded (depth × the
     largest output tensor). A write error is raised by the next ``add`` or by ``join``.
-    Everything else (``is_done``, ``write_index``, ``bytes_written``) is the ShardWriter's.
+    Everything else (``bytes_written``) is the ShardWriter's.
     """
 
     def __init__(self, writer, depth: int = 1):
@@ -33,10 +33,10 @@ class BackgroundWriter:
                 except BaseException as exc:  # re-raised on the merging thread
                     self._error = exc
 
-    def add(self, task, tensor) -> None:
+    def add(self, task, tensor, row=None) -> None:
         if self._error is not None:
             raise self._error
-        self._q.put((task, tensor))
+        self._q.put((task, tensor, row))
 
     def join(self) -> None:
         """Wait until every queued tensor is written; raise the first write error."""

@@ -3,17 +3,63 @@
 Statistics are whole-model (docs/methods.md, DPPA), so every unit delta is streamed once before any tensor
 is merged. The host then computes each model's DP densities and band thresholds from the
 histograms. In resident mode the base and deltas stay on the device for phase 2.
+
+The engine reaches this module through one seam, :func:`prepare`: a hook between the plan and
+the execute stages that reads the statistics through the executor, allocates, and gives every
+unit tensor its recipe.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from typing import Optional
+
 import torch
 
-from ..ops import dp_densities, tensor_histogram
+from ..ops import dp_densities, histogram_planned
 from ..spec import SparsifySpec
-from .compute import STATS_DTYPES, band_stats, dppa_alphas, form_deltas
+from .compute import STATS_DTYPES, band_stats, check_deltas_finite, form_deltas
+from .recipe import dppa_alphas
+from .shards import write_json_atomic
 from .workspace import Workspace
 from .errors import MergeError, brief, clip
+
+ALLOC_CACHE = "dppa_allocation.json"
+
+
+def prepare(job, executor, todo: set, *, cache_dir: Optional[str], resuming: bool) -> tuple[dict, dict, dict]:
+    """The DPPA stage hook: (allocation report, per-unit report rows, timings); sets each unit's
+    recipe on the plan. ``todo``: the names of the tensors this run merges (their deltas may stay
+    resident in the executor). With ``cache_dir`` the allocation is saved there for ``--resume``
+    and, when resuming, read back instead of recomputed."""
+    plan = job.plan
+    sdtype = stats_dtype(plan)
+    cache = os.path.join(cache_dir, ALLOC_CACHE) if cache_dir else None
+    t1 = time.perf_counter()
+    if resuming and cache and os.path.exists(cache):
+        try:
+            with open(cache) as f:
+                c = json.load(f)
+            dens = {int(k): v for k, v in c["densities"].items()}
+            plan.set_unit_densities(dens)
+            return c["report"], c["units"], {"phase1_s": 0.0, "phase1_cached": True}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable (the run died while writing it): compute the statistics again
+    units = [t for t in plan.tasks if t.unit]
+    hists, resident = executor.statistics(job, units, sdtype=sdtype, keep=todo)
+    timings = {"phase1_s": time.perf_counter() - t1}
+    t = time.perf_counter()
+    dens, report = allocate(plan, hists, plan.labels, backend=job.backend, sdtype=sdtype)
+    rows = unit_report(plan, hists, dens, plan.labels, sdtype)
+    del hists
+    report["resident"] = resident
+    timings["allocation_s"] = time.perf_counter() - t
+    plan.set_unit_densities(dens)
+    if cache:
+        write_json_atomic(cache, {"densities": dens, "report": report, "units": rows})
+    return report, rows, timings
 
 
 def stats_dtype(plan) -> torch.dtype:
@@ -48,12 +94,17 @@ def collect(plan, stream, labels, *, backend: str, sdtype: torch.dtype, resident
     hists = {i: {} for i in range(len(plan.models))}
     kept = {}
     ws = None if resident else Workspace()
+    in_pass = backend != "reference"  # the histogram pass finds NaN/Inf in the deltas
     for task, raw in stream:
-        base, deltas = form_deltas(task, labels, raw, ws)
+        base, deltas = form_deltas(task, labels, raw, ws, check_finite=not in_pass)
         del raw
         for i, d in enumerate(deltas):
             h = buf[i, slot[task.name]]
-            h.copy_(tensor_histogram(d, stats_dtype=sdtype, check_finite=False, backend=backend))
+            try:
+                h.copy_(histogram_planned(d, sdtype, backend=backend, check_as=labels[i] if in_pass else None))
+            except ValueError:
+                check_deltas_finite(task, labels[i:i + 1], [d])  # the engine's error, naming the model
+                raise
             hists[i][task.name] = h
         if resident:
             kept[task.name] = (base, deltas)

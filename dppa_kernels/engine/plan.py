@@ -1,7 +1,9 @@
-"""The merge plan: every output tensor with its inputs checked, parameters resolved and shard fixed.
+"""The plan stage: every output tensor with its inputs checked, its recipe built and its shard fixed.
 
 All checks that do not need tensor values run here, before anything is written: missing keys,
-shape and vocabulary mismatches, parameter ranges, the output shard layout.
+shape and vocabulary mismatches, parameter ranges, the output shard layout. Each floating
+tensor's recipe (weights, specs, combine) is built and validated here, once per distinct
+parameter set; DPPA's unit tensors get theirs from :meth:`MergePlan.set_unit_densities`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from typing import Optional
 
 import torch
 
-from .. import _validate as V
-from ..methods import preset
 from ..reference.naming import DEFAULT_LAYER_PATTERN, DEFAULT_UNIT_PATTERN, group_units
 from .config import MergeConfig, is_dppa
 from .errors import MergeError, brief, clip
 from .params import ParamResolver
+from .recipe import Recipe, RecipeBook
 from .source import ModelSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -39,6 +40,7 @@ class TensorTask:
     merge_params: dict = field(default_factory=dict)
     dppa_params: dict = field(default_factory=dict)
     shard: int = 0
+    recipe: Optional[Recipe] = None  # floating tensors (DPPA units: once the allocation is known)
 
     @property
     def out_bytes(self) -> int:
@@ -57,9 +59,30 @@ class MergePlan:
     n_shards: int
     n_layers: int
     levels: Optional[list] = None  # DPPA: density levels per model
+    recipes: Optional[RecipeBook] = None
+
+    @property
+    def labels(self) -> list:
+        return [m.label for m in self.models]
 
     def shard_tasks(self, i: int) -> list:
         return [t for t in self.tasks if t.shard == i]
+
+    def check_backend(self, backend: str) -> None:
+        """Refuse a plan that ``backend`` cannot merge, before anything is written: the fast
+        backends compute in float32 and take no float64 tensor (the reference does)."""
+        if backend == "reference":
+            return
+        for t in self.tasks:
+            if t.floating and t.work_dtype == torch.float64 and (t.unit or t.recipe.mode != "base"):
+                raise MergeError(f"tensor {brief(t.name)} merges in float64, which only --backend reference "
+                                 f"supports (backend {backend} computes in float32)")
+
+    def set_unit_densities(self, densities: dict) -> None:
+        """DPPA: each unit's recipe at its allocated densities ({model index: {unit: levels}})."""
+        for t in self.tasks:
+            if t.unit:
+                t.recipe = self.recipes.for_unit(t, [densities[i][t.name] for i in range(len(self.models))])
 
 
 def _natural_key(name: str):
@@ -131,20 +154,6 @@ def _check_inputs(base: ModelSource, models: list, truncate_vocab: bool) -> dict
     return cuts
 
 
-def _check_params(task: TensorTask, method: str, n: int) -> None:
-    p = dict(task.merge_params)
-    if is_dppa(method):
-        p["densities"] = [[0.5] for _ in range(n)]  # real levels come from the allocation
-        p["alphas"] = [[1.0] for _ in range(n)]
-    try:
-        _, specs, combine = preset(method, n, p)
-        for i, s in enumerate(specs):
-            V.check_sparsify_spec(s, f"model {i}")
-        V.check_combine_spec(combine)
-    except (ValueError, TypeError) as exc:
-        raise MergeError(f"tensor {brief(task.name)}: invalid parameters for {method}: {clip(exc)}") from None
-
-
 def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: Optional[str],
                shard_size: int, truncate_vocab: bool, order: str = "natural") -> MergePlan:
     """``order``: output tensor order (and so shard contents): "natural" (layer 2 before layer 10)
@@ -156,6 +165,8 @@ def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: 
     layer_pat = glob.get("layer_pattern", DEFAULT_LAYER_PATTERN)
     n_layers = _n_layers(base, layer_pat)
     resolver = ParamResolver(cfg, n_layers)
+    levels = resolver.dp_levels() if is_dppa(cfg.merge_method) else None
+    book = RecipeBook(cfg.merge_method, len(models), levels, [m.label for m in models])
     units = {}
     if is_dppa(cfg.merge_method):
         pats = {"unit_pattern": glob.get("unit_pattern", DEFAULT_UNIT_PATTERN), "layer_pattern": layer_pat}
@@ -176,12 +187,12 @@ def build_plan(cfg: MergeConfig, base: ModelSource, models: list, *, out_dtype: 
                           (outd or wd) if floating else bi.dtype, unit=name in units, truncate_rows=cuts.get(name))
         if floating:
             task.merge_params, task.dppa_params = resolver.for_tensor(name, layer)
-            _check_params(task, cfg.merge_method, len(models))
+            recipe = book.for_task(task)  # validates every tensor's parameters, DPPA units included
+            task.recipe = None if task.unit else recipe
         tasks.append(task)
     shard, used = 0, 0
     for t in tasks:  # greedy, in output order, like mergekit's writer
         if used and used + t.out_bytes > shard_size:
             shard, used = shard + 1, 0
         t.shard, used = shard, used + t.out_bytes
-    levels = resolver.dp_levels() if is_dppa(cfg.merge_method) else None
-    return MergePlan(cfg, base, models, tasks, shard + 1, n_layers, levels)
+    return MergePlan(cfg, base, models, tasks, shard + 1, n_layers, levels, book)

@@ -1,8 +1,9 @@
-"""``run_merge``: config in, sharded safetensors out (the engine behind ``dppa merge``).
+"""``run_merge``: config in, sharded safetensors out (the driver behind ``dppa merge``).
 
-Steps: validate the config and every input header (nothing written yet) → plan → for DPPA,
-phase 1 statistics and the host allocation → phase 2 merge, streamed through a reader thread and
-written shard by shard into a temporary folder → side files and report → rename into place.
+Stages: ``open_inputs`` (every input header checked, nothing written) → ``plan`` (each tensor's
+recipe and shard) → under the output folder's lock, ``execute`` (DPPA's statistics hook, then
+the executor writes the shards into a temporary folder; the driver journals each one) →
+``commit`` (index, side files, report, one rename into place).
 """
 
 from __future__ import annotations
@@ -11,29 +12,28 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
-from tqdm import tqdm
 
 from .. import __version__
 from ..backends.registry import resolve
-from .background_writer import BackgroundWriter
-from .config import DTYPE_NAMES, is_dppa, load_config
-from .compute import form_deltas, merge_tensor, realised_density, specs_for
-from .dppa_phase import allocate, collect, resident_fits, stats_dtype, unit_report
+from .config import DTYPE_NAMES, load_config
+from .dppa_phase import ALLOC_CACHE
 from .errors import MergeError, brief, clip
+from .executor import Executor, MergeJob, SerialExecutor
+from .inputs import Inputs, open_inputs
+from .local_executor import LocalExecutor
 from .outdir import (REPORT, check_output, check_side_files, copy_side_files, discard, drop_unfinished, finalize,
                      output_lock, side_sources, write_text)
-from .plan import build_plan, check_architectures
-from .prefetch import prefetch
-from .shards import JOURNAL, Journal, ShardWriter, write_json_atomic
-from .source import ModelSource
-from .workspace import Workspace
+from .plan import build_plan
+from .report import build_report
+from .shards import JOURNAL, Journal, shard_name, write_index, write_json_atomic
+from .stages import Executed, execute
 
-ALLOC_CACHE = "dppa_allocation.json"
 DEFAULT_SHARD_SIZE = 5_000_000_000
+EXECUTORS = ("local", "serial")
 
 
 @dataclass
@@ -53,10 +53,11 @@ class MergeOptions:
     resident: str = "auto"
     prefetch: int = 2
     tensor_order: str = "natural"  # or "name": mergekit's output order (plan.build_plan)
-    tensor_report: bool = True  # per-tensor realised densities in the report (DELLA's: a reference re-run)
+    tensor_report: bool = True  # per-tensor realised densities in the report (from the applied plans)
+    executor: Union[str, Executor] = "local"  # "local" (reader and writer threads), "serial" or an Executor
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -71,6 +72,24 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend of the whole run, resolved once ("auto" picks the device's fastest)."""
+    try:
+        return resolve(name, device)
+    except (ValueError, RuntimeError) as exc:
+        raise MergeError(f"--backend {brief(name)}: {clip(exc)}") from None
+
+
+def make_executor(opts: MergeOptions) -> Executor:
+    if isinstance(opts.executor, Executor):
+        return opts.executor
+    if opts.executor == "local":
+        return LocalExecutor(prefetch_depth=opts.prefetch, progress=opts.progress, resident=opts.resident)
+    if opts.executor == "serial":
+        return SerialExecutor()
+    raise MergeError(f"executor {brief(opts.executor)} is not one of {', '.join(EXECUTORS)}")
+
+
 def _fingerprint(cfg, plan, opts: MergeOptions) -> str:
     data = {"config": cfg.model_dump(mode="json"), "seed": opts.seed, "out_dtype": opts.out_dtype,
             "shard_size": opts.shard_size, "truncate_vocab": opts.truncate_vocab, "version": __version__,
@@ -78,10 +97,6 @@ def _fingerprint(cfg, plan, opts: MergeOptions) -> str:
     if opts.tensor_order != "natural":
         data["tensor_order"] = opts.tensor_order
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _bar(opts, total, desc):
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not opts.progress, dynamic_ncols=True, leave=True)
 
 
 def run_merge(config_path: str, opts: MergeOptions) -> dict:
@@ -94,177 +109,52 @@ def run_merge(config_path: str, opts: MergeOptions) -> dict:
     cfg, yaml_text = load_config(config_path)
     if opts.out_dtype is not None and opts.out_dtype not in DTYPE_NAMES:
         raise MergeError(f"--dtype {brief(opts.out_dtype)} is not supported; valid: {', '.join(DTYPE_NAMES)}")
-    device = _device(opts.device)
-    try:
-        be_name = resolve(opts.backend, device)
-    except (ValueError, RuntimeError) as exc:
-        raise MergeError(f"--backend {brief(opts.backend)}: {clip(exc)}") from None
-    if cfg.tokenizer_source == "union":
-        raise MergeError("tokenizer_source: union is not supported (use base or a model path)")
-    base = ModelSource(cfg.base_model, cfg.base_model, allow_pickle=opts.allow_pickle)
-    models = [ModelSource(m.model, m.model, allow_pickle=opts.allow_pickle) for m in cfg.models]
-    inputs = [(s.label, s.path) for s in [base] + models]
-    tok = base.path
-    if cfg.tokenizer_source not in (None, "base"):
-        tok = os.path.abspath(os.path.expanduser(cfg.tokenizer_source))
-        if not os.path.isdir(tok):
-            raise MergeError(f"tokenizer_source {brief(cfg.tokenizer_source)}: folder {clip(tok)} does not exist")
-        inputs.append(("tokenizer_source", tok))
-    check_architectures(base, models, opts.allow_crimes)
-    plan = build_plan(cfg, base, models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
-                      truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
-    check_side_files(side_sources(base.path, tok))
-    fingerprint = _fingerprint(cfg, plan, opts)  # reads every input file: before anything is created
-    try:
+    device = resolve_device(opts.device)
+    backend = resolve_backend(opts.backend, device)
+    executor = make_executor(opts)
+    with open_inputs(cfg, allow_pickle=opts.allow_pickle, allow_crimes=opts.allow_crimes) as inputs:
+        plan = build_plan(cfg, inputs.base, inputs.models, out_dtype=opts.out_dtype, shard_size=opts.shard_size,
+                          truncate_vocab=opts.truncate_vocab, order=opts.tensor_order)
+        plan.check_backend(backend)
+        check_side_files(side_sources(inputs.base.path, inputs.tokenizer))
+        fingerprint = _fingerprint(cfg, plan, opts)  # reads every input file: before anything is created
         with output_lock(opts.out):
-            tmp, resuming = check_output(opts.out, inputs, force=opts.force, resume=opts.resume,
+            tmp, resuming = check_output(opts.out, inputs.folders(), force=opts.force, resume=opts.resume,
                                          config=os.path.abspath(config_path))
-            return _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name,
-                          opts, t0)
-    finally:
-        for s in [base] + models:
-            s.close()
+            job = MergeJob(plan, tmp, [shard_name(i, plan.n_shards) for i in range(plan.n_shards)], str(device),
+                           backend, opts.seed, report=opts.tensor_report)
+            return _merge(job, executor, inputs, yaml_text, fingerprint, resuming, opts, t0)
 
 
-def _merge(cfg, yaml_text, plan, base, models, tok, tmp, resuming, fingerprint, device, be_name, opts, t0) -> dict:
-    """Everything after the checks: the merge into ``tmp``, side files, report, rename into place."""
+def _merge(job: MergeJob, executor: Executor, inputs: Inputs, yaml_text: str, fingerprint: str, resuming: bool,
+           opts: MergeOptions, t0: float) -> dict:
+    """The execute and commit stages, into ``job.tmp``; a failure discards a fresh run's folder."""
     timings = {"plan_s": time.perf_counter() - t0}
-    labels = [m.label for m in models]
-    journal = Journal(tmp, fingerprint)
+    journal = Journal(job.tmp, fingerprint)
     dropped = journal.load_verified() if resuming else []  # a refusal here leaves the partial intact
-    writer = None
     try:
-        drop_unfinished(tmp)
-        writer = BackgroundWriter(ShardWriter(tmp, plan, journal))
-        todo = [t for t in plan.tasks if not writer.is_done(t.shard)]
-        pin = device.type == "cuda"
-
-        def load(task):
-            return [s.read(task.name, pin=pin, mapped=not pin) for s in [base] + models]
-
-        report_tensors, dppa_report, dens, resident = {}, None, None, {}
-        if is_dppa(cfg.merge_method):
-            dens, dppa_report, unit_rows, resident, ph = _phase1(plan, tmp, resuming, todo, labels, load, device,
-                                                                  be_name, opts)
-            report_tensors.update(unit_rows)
-            timings.update(ph)
-        t2 = time.perf_counter()
-        bar = _bar(opts, len(todo), "merge" if dens is None else "phase 2/2 merge")
-        reads = [t for t in todo if t.name not in resident]
-        stream = prefetch(reads, load, device, depth=opts.prefetch)
-        ws = Workspace(device)
-        for task in todo:
-            if task.name in resident:
-                b, deltas = resident.pop(task.name)
-            else:
-                got, raw = next(stream)
-                assert got is task
-                if task.floating:
-                    b, deltas = form_deltas(task, labels, raw, ws)
-                else:
-                    b, deltas = raw[0], []
-                del raw
-            if task.floating:
-                w, specs, combine, mode = specs_for(task, cfg.merge_method, len(models), levels=plan.levels,
-                                                    unit_densities=[dens[i][task.name] for i in range(len(models))]
-                                                    if task.unit else None, labels=labels)
-                plans: list = []
-                out = merge_tensor(task, b, deltas, w, specs, combine, mode, seed=opts.seed, backend=be_name,
-                                   plans_out=plans)
-                if not task.unit and opts.tensor_report:
-                    report_tensors[task.name] = _tensor_row(task, deltas, specs, mode, opts.seed, be_name, plans)
-                del plans
-            else:
-                out = b
-            # the writer holds the tensor past this iteration: it must not live in the workspace
-            assert not ws.owns(out), f"tensor {task.name!r}: merge output aliases a workspace buffer"
-            writer.add(task, out.cpu())
-            del b, deltas, out
-            bar.update(1)
-        stream.close()
-        bar.close()
-        writer.join()  # every shard written and committed before the index
-        timings["merge_s"] = time.perf_counter() - t2
-        writer.write_index()
-        out_name = str(plan.tasks[0].out_dtype).replace("torch.", "") if plan.tasks else None
-        copied = copy_side_files(tmp, base.path, tok, out_name)
-        write_text(os.path.join(tmp, "mergekit_config.yml"), yaml_text)
-        timings["total_s"] = time.perf_counter() - t0
-        report = _report(cfg, plan, opts, be_name, device, timings, report_tensors, dppa_report, copied,
-                         resuming, dropped, writer)
-        write_json_atomic(os.path.join(tmp, REPORT), report)
-        finalize(tmp, opts.out, drop=[JOURNAL, ALLOC_CACHE])
-        return report
+        drop_unfinished(job.tmp)
+        done = execute(job, executor, journal, resuming=resuming, cache_dir=job.tmp)
+        timings.update(done.timings)
+        return _commit(job, inputs, yaml_text, done, timings, resuming, dropped, opts, t0)
     except BaseException as exc:
-        if writer is not None:
-            writer.abort()
         if not (resuming or isinstance(exc, KeyboardInterrupt)):
-            discard(tmp)  # a fresh run leaves nothing; an interrupted or resumed one stays resumable
+            discard(job.tmp)  # a fresh run leaves nothing; an interrupted or resumed one stays resumable
         raise
 
 
-def _phase1(plan, tmp, resuming, todo, labels, load, device, be_name, opts):
-    """DPPA statistics and allocation (cached in the temp folder for --resume)."""
-    sdtype = stats_dtype(plan)
-    cache = os.path.join(tmp, ALLOC_CACHE)
-    timings = {}
-    t1 = time.perf_counter()
-    units = [t for t in plan.tasks if t.unit]
-    if resuming and os.path.exists(cache):
-        try:
-            with open(cache) as f:
-                c = json.load(f)
-            dens = {int(k): v for k, v in c["densities"].items()}
-            return dens, c["report"], c["units"], {}, {"phase1_s": 0.0, "phase1_cached": True}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # unreadable (the run died while writing it): compute the statistics again
-    resident = resident_fits(plan, device, opts.resident)
-    bar = _bar(opts, len(units), "phase 1/2 statistics")
-    hists, kept = collect(plan, prefetch(units, load, device, depth=opts.prefetch, progress=bar), labels,
-                          backend=be_name, sdtype=sdtype, resident=resident)
-    bar.close()
-    timings["phase1_s"] = time.perf_counter() - t1
-    t = time.perf_counter()
-    dens, report = allocate(plan, hists, labels, backend=be_name, sdtype=sdtype)
-    rows = unit_report(plan, hists, dens, labels, sdtype)
-    del hists
-    report["resident"] = resident
-    timings["allocation_s"] = time.perf_counter() - t
-    write_json_atomic(cache, {"densities": dens, "report": report, "units": rows})
-    todo_names = {x.name for x in todo}
-    kept = {k: v for k, v in kept.items() if k in todo_names}
-    return dens, report, rows, kept, timings
-
-
-def _tensor_row(task, deltas, specs, mode, seed, backend, plans=()) -> dict:
-    if mode == "base":
-        return {"target": [0.0] * len(deltas), "realised": [0.0] * len(deltas), "mode": "base"}
-    target = [list(s.densities) if s.method == "bands" else (1.0 if s.method == "none" else s.density)
-              for s in specs]
-    plans = list(plans) or [None] * len(deltas)  # none from the reference backend
-    real = [realised_density(d, s, seed=seed, name=task.name, stream=i, backend=backend, plan=p)
-            for i, (d, s, p) in enumerate(zip(deltas, specs, plans))]
-    return {"target": target, "realised": real}
-
-
-def _report(cfg, plan, opts, be_name, device, timings, tensors, dppa_report, copied, resuming, dropped, writer):
-    per_model = {}
-    numel = {t.name: t.out_bytes // t.out_dtype.itemsize for t in plan.tasks}
-    units = [n for n, t in ((t.name, t) for t in plan.tasks) if t.unit] if is_dppa(cfg.merge_method) else []
-    floats = [t for t in plan.tasks if t.floating]
-    for i, label in enumerate(m.label for m in plan.models):
-        names = units or [t.name for t in floats]
-        num = sum(tensors[n]["realised"][i] * numel[n] for n in names if n in tensors)
-        den = sum(numel[n] for n in names if n in tensors)
-        per_model[label] = num / den if den else None
-    opt = asdict(opts)
-    return {
-        "method": cfg.merge_method, "config": cfg.model_dump(mode="json", exclude_none=True),
-        "options": opt, "backend": be_name, "backend_requested": opts.backend, "device": str(device),
-        "dppa_kernels": __version__, "torch": torch.__version__, "seed": opts.seed,
-        "n_tensors": len(plan.tasks), "n_shards": plan.n_shards, "files_copied": copied,
-        "resumed": resuming, "shards_redone_on_resume": dropped,
-        "realised_density": per_model, "realised_density_scope": "units" if units else "all floating tensors",
-        "timings": timings, "dppa": dppa_report, "tensors": tensors,
-    }
-
+def _commit(job: MergeJob, inputs: Inputs, yaml_text: str, done: Executed, timings: dict, resuming: bool,
+            dropped: list, opts: MergeOptions, t0: float) -> dict:
+    """The engine's layout: index, side files (config.json with the output dtype, tokenizer), the
+    config as given, the report; then the temporary folder renamed into place."""
+    plan, tmp = job.plan, job.tmp
+    write_index(tmp, plan, job.shard_names)
+    out_name = str(plan.tasks[0].out_dtype).replace("torch.", "") if plan.tasks else None
+    copied = copy_side_files(tmp, inputs.base.path, inputs.tokenizer, out_name)
+    write_text(os.path.join(tmp, "mergekit_config.yml"), yaml_text)
+    timings["total_s"] = time.perf_counter() - t0
+    report = build_report(plan.cfg, plan, opts, job.backend, job.device, timings, done.tensors, done.dppa, copied,
+                          resuming, dropped)
+    write_json_atomic(os.path.join(tmp, REPORT), report)
+    finalize(tmp, opts.out, drop=[JOURNAL, ALLOC_CACHE])
+    return report

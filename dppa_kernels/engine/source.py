@@ -193,6 +193,12 @@ class ModelSource:
             raise MergeError(f"model {brief(self.label)}: reading tensor {brief(name)} from {clip(info.file)} "
                              f"failed: {clip(getattr(exc, 'strerror', None) or exc)}") from None
 
+    def __getstate__(self) -> dict:
+        """Picklable (a worker of a distributed executor reopens the files on its first read)."""
+        state = dict(self.__dict__)
+        state["_files"], state["_pt_cache"] = {}, {}
+        return state
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

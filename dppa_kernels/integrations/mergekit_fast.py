@@ -1,8 +1,9 @@
 """The fast path of ``dppa-mergekit-yaml``: mergekit's YAML and options, our streaming engine.
 
 When the config and the options are entirely within what the engine reproduces exactly,
-``dppa-mergekit-yaml`` runs :func:`dppa_kernels.engine.run_merge` directly, without importing
-mergekit, transformers or PEFT, and writes mergekit 0.1.5's output layout; otherwise it runs
+``dppa-mergekit-yaml`` runs the engine's stages directly (the models opened and the merge planned
+once, while deciding eligibility; then the execute stage; then mergekit 0.1.5's output layout,
+written as such), without importing mergekit, transformers or PEFT; otherwise it runs
 mergekit's own pipeline with our backend installed (the fallback). The merged tensors are
 bit-identical to the fallback's for the same ``--random-seed`` (tests/test_integration_mergekit_fast.py).
 
@@ -39,8 +40,7 @@ config.json with only the dtype field updated (mergekit re-serialises it through
 which may add default fields, rename ``torch_dtype`` to ``dtype`` and restamp
 ``transformers_version``); the README.md text is our own; the index's metadata has no
 ``mergekit_version``; safetensors headers are written by our engine (same tensors, names, dtypes,
-shapes, ``format: pt`` metadata); the engine's ``merge_report.json`` is not kept (nor are its
-per-tensor realised densities computed: DELLA's would re-run the reference). The output is
+shapes, ``format: pt`` metadata); no ``merge_report.json`` is written. The output is
 staged next to the output folder and moved in only when complete (into an existing folder file
 by file, replacing same-named files like mergekit-yaml).
 
@@ -57,7 +57,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -95,6 +94,8 @@ class FastPlan:
     tokenizer: list = field(default_factory=list)  # file names copied from the base model
     config_dtype: Optional[str] = None  # the dtype mergekit writes into config.json
     allow_crimes: bool = False
+    inputs: Any = None  # engine.inputs.Inputs: the models, opened once (closed by run_fast)
+    merge_plan: Any = None  # engine.plan.MergePlan: the plan run_fast executes
 
 
 def _flag(key: str) -> str:
@@ -219,14 +220,14 @@ def _engine_config(data: dict) -> Union[dict, str]:
     return reason or out
 
 
-def _inputs_reason(cfg: dict, shard_size: int, opts: dict) -> Optional[str]:
-    """Open every input and plan the merge with the engine (nothing is written): the reason the
-    fast path cannot reproduce the run, or None. Raises MergeError for inputs refused on every path."""
+def _open_and_plan(cfg: dict, shard_size: int, opts: dict):
+    """Open every input and plan the merge once (nothing is written): (inputs, plan), the plan
+    the run then executes. Raises Unsupported when the fast path cannot reproduce the run, and
+    MergeError for inputs refused on every path."""
     from ..engine import parse_config
-    from ..engine.plan import build_plan, check_architectures
-    from ..engine.source import ModelSource, find_weights, pickle_error
-
-    import torch
+    from ..engine.inputs import open_inputs
+    from ..engine.plan import build_plan
+    from ..engine.source import find_weights, pickle_error
 
     refs = [cfg["base_model"]] + [m["model"] for m in cfg["models"]]
     for ref in refs:  # before any file is opened: a pickle is never loaded here
@@ -235,28 +236,40 @@ def _inputs_reason(cfg: dict, shard_size: int, opts: dict) -> Optional[str]:
             refusal = pickle_error(ref, files, bool(opts.get("allow_pickle")))
             if refusal:
                 raise MergeError(refusal)
-            return f"model {brief(ref)} has pickle weights"
-    sources = []
+            raise Unsupported(f"model {brief(ref)} has pickle weights")
     try:
-        sources = [ModelSource(ref) for ref in refs]  # corrupt or truncated files: refused
-        check_architectures(sources[0], sources[1:], bool(opts.get("allow_crimes")))
+        parsed = parse_config(cfg)
+    except MergeError as exc:  # mergekit has its own rules here (it clamps, skips, truncates)
+        raise Unsupported(f"the engine cannot plan it: {clip(exc)}") from None
+    inputs = open_inputs(parsed, allow_crimes=bool(opts.get("allow_crimes")))  # corrupt, truncated: refused
+    try:
         try:
-            plan = build_plan(parse_config(cfg), sources[0], sources[1:], out_dtype=None, shard_size=shard_size,
+            plan = build_plan(parsed, inputs.base, inputs.models, out_dtype=None, shard_size=shard_size,
                               truncate_vocab=False, order="name")
-        except MergeError as exc:  # mergekit has its own rules here (it clamps, skips, truncates)
-            return f"the engine cannot plan it: {clip(exc)}"
-    finally:
-        for s in sources:
-            s.close()
+        except MergeError as exc:
+            raise Unsupported(f"the engine cannot plan it: {clip(exc)}") from None
+        reason = _layout_reason(cfg, inputs, plan)
+        if reason:
+            raise Unsupported(reason)
+    except BaseException:
+        inputs.close()
+        raise
+    return inputs, plan
+
+
+def _layout_reason(cfg: dict, inputs, plan) -> Optional[str]:
+    """Why mergekit would write other tensors, names or dtypes than the plan (None: it would not)."""
+    import torch
+
+    sources = [inputs.base] + inputs.models
     configs = [s.config for s in sources]
     if any(c is None for c in configs):
         return "a model has no config.json"
-    root = L.mergekit_dir()
-    names, why = L.expected_tensors(configs, [set(s.tensors) for s in sources], root)
+    names, why = L.expected_tensors(configs, [set(s.tensors) for s in sources], L.mergekit_dir())
     if names is None:
         return why
-    if set(names) != set(sources[0].tensors):
-        extra = sorted(set(sources[0].tensors) - set(names))
+    if set(names) != set(inputs.base.tensors):
+        extra = sorted(set(inputs.base.tensors) - set(names))
         return f"mergekit would not write the base model's tensor {brief(extra[0])}" if extra else \
             "mergekit would write tensors the base model lacks"
     fixed = cfg.get("dtype") is not None
@@ -310,23 +323,25 @@ def plan_fast(opts: dict, config_file: str, out_path: str) -> FastPlan:
     size = size if size > 0 else 1 << 62  # mergekit: no limit
     out = resolve_out(out_path)
     _check_out(out, cfg)
-    reason = _inputs_reason(cfg, size, opts)
-    if reason:
-        raise Unsupported(reason)
-    base = os.path.abspath(cfg["base_model"])
-    tok = []
-    if opts.get("copy_tokenizer", True):
-        tok = L.tokenizer_files(base)
-        if tok is None:
-            raise Unsupported("mergekit would rebuild the tokenizer with transformers")
-    for fn in ["config.json"] + tok:  # refuse links out of the model folder before merging
-        model_file(base, fn)
+    inputs, merge_plan = _open_and_plan(cfg, size, opts)
+    try:
+        base = os.path.abspath(cfg["base_model"])
+        tok = []
+        if opts.get("copy_tokenizer", True):
+            tok = L.tokenizer_files(base)
+            if tok is None:
+                raise Unsupported("mergekit would rebuild the tokenizer with transformers")
+        for fn in ["config.json"] + tok:  # refuse links out of the model folder before merging
+            model_file(base, fn)
+    except BaseException:
+        inputs.close()
+        raise
     seed = opts.get("random_seed")
     return FastPlan(config=cfg, source=source, out=out, device=dev, seed=0 if seed is None else int(seed),
                     shard_size=size, quiet=bool(opts.get("quiet")), verbosity=int(opts.get("verbosity") or 0),
                     num_threads=opts.get("num_threads"), write_card=bool(opts.get("write_model_card", True)),
                     tokenizer=tok, config_dtype=cfg.get("out_dtype") or cfg.get("dtype"),
-                    allow_crimes=bool(opts.get("allow_crimes")))
+                    allow_crimes=bool(opts.get("allow_crimes")), inputs=inputs, merge_plan=merge_plan)
 
 
 def _setup(plan: FastPlan) -> None:
@@ -343,39 +358,44 @@ def _setup(plan: FastPlan) -> None:
 
 
 def run_fast(plan: FastPlan) -> dict:
-    """Merge with the engine into a staging folder, lay it out like mergekit and move it into
-    place, holding the output folder's lock throughout. Raises MergeError, with nothing moved
-    into the output, when the merge is refused or a write fails."""
-    import yaml
-
-    from ..engine import MergeOptions, run_merge
+    """Run the planned merge through the engine's execute stage into a staging folder written in
+    mergekit's layout, then move it into place, holding the output folder's lock throughout.
+    Raises MergeError, with nothing moved into the output, when the merge is refused or a write
+    fails."""
+    from ..engine.executor import MergeJob
+    from ..engine.local_executor import LocalExecutor
     from ..engine.outdir import output_lock
+    from ..engine.run import resolve_backend, resolve_device
+    from ..engine.shards import Journal
+    from ..engine.stages import execute
 
     _setup(plan)
     t0 = time.perf_counter()
     parent, name = os.path.split(plan.out)
     staging = os.path.join(parent, f".{name}.dppa-fast")
-    with output_lock(plan.out):
-        shutil.rmtree(staging, ignore_errors=True)
-        cfg_path = None
-        try:
-            fd, cfg_path = tempfile.mkstemp(prefix="dppa-mergekit-", suffix=".yml")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                yaml.safe_dump(plan.config, f, sort_keys=False)
-            opts = MergeOptions(out=staging, device=plan.device, shard_size=plan.shard_size, force=True,
-                                seed=plan.seed, progress=not plan.quiet, tensor_order="name", tensor_report=False,
-                                allow_crimes=plan.allow_crimes)
-            report = run_merge(cfg_path, opts)
-            L.finish_layout(staging, plan, int(report["n_shards"]))
-            L.move_into(staging, plan.out)
-        except OSError as exc:  # disk full or permissions while laying out or moving the files
-            raise write_failed(exc.filename or staging, exc) from None
-        finally:
+    mplan = plan.merge_plan
+    try:
+        device = resolve_device(plan.device)
+        backend = resolve_backend("auto", device)
+        with output_lock(plan.out):
             shutil.rmtree(staging, ignore_errors=True)
-            if cfg_path is not None:
-                os.remove(cfg_path)
+            try:
+                os.makedirs(staging)
+                names = L.shard_names(mplan.n_shards)
+                job = MergeJob(mplan, staging, names, str(device), backend, plan.seed, report=False)
+                execute(job, LocalExecutor(progress=not plan.quiet), Journal(None))  # no resume: in memory
+                L.write_layout(staging, plan, mplan, names)
+                L.move_into(staging, plan.out)
+            except OSError as exc:  # disk full or permissions while laying out or moving the files
+                raise write_failed(exc.filename or staging, exc) from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        plan.inputs.close()
+    summary = {"method": mplan.cfg.merge_method, "n_tensors": len(mplan.tasks), "n_shards": mplan.n_shards,
+               "device": str(device), "backend": backend, "seconds": time.perf_counter() - t0}
     if plan.verbosity:
-        print(f"dppa-mergekit-yaml: fast path: {report['method']}, {report['n_tensors']} tensors on "
-              f"{report['device']} ({report['backend']} backend), {time.perf_counter() - t0:.1f} s -> {plan.out}",
+        print(f"dppa-mergekit-yaml: fast path: {summary['method']}, {summary['n_tensors']} tensors on "
+              f"{summary['device']} ({summary['backend']} backend), {summary['seconds']:.1f} s -> {plan.out}",
               file=sys.stderr)
-    return report
+    return summary

@@ -9,7 +9,8 @@ Used by the fast path of ``dppa-mergekit-yaml`` (:mod:`.mergekit_fast`):
 * :func:`tokenizer_files`: the files mergekit's tokenizer copy takes from the base model, or
   ``None`` when mergekit would rebuild the tokenizer through transformers instead.
 * :func:`output_config`, :func:`model_card`, :func:`write_index`: config.json, README.md and the
-  shard index; :func:`finish_layout` turns the engine's output folder into mergekit's layout.
+  shard index; :func:`shard_names` and :func:`write_layout`: mergekit's layout, written as such
+  by the fast path (shards under their final names, then the files beside them).
 * :func:`move_into`: put a finished staging folder into the output folder the way mergekit
   writes into it (an existing folder is written into, same-named files are replaced).
 """
@@ -202,26 +203,24 @@ def write_index(path: str, weight_map: dict, total_size: int) -> None:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
 
 
-def finish_layout(staging: str, plan, n_shards: int) -> None:
-    """Turn the engine's output folder ``staging`` into mergekit's layout for a fast-path ``plan``
-    (renames and small files only): shard names and index order, config.json, card, tokenizer."""
-    from ..engine.shards import INDEX, shard_name
+def shard_names(n: int) -> list:
+    """mergekit's shard file names: ``model.safetensors`` alone, else numbered shards."""
+    from ..engine.shards import shard_name
+
+    return ["model.safetensors"] if n == 1 else [shard_name(i, n) for i in range(n)]
+
+
+def write_layout(staging: str, plan, merge_plan, names: list) -> None:
+    """The files mergekit writes beside the shards, for a fast-path ``plan`` whose shards
+    ``names`` are in ``staging``: the index (several shards, tensors in name order), config.json,
+    with ``--write-model-card`` README.md and mergekit_config.yml, the tokenizer files."""
+    from ..engine.shards import INDEX
     from ..engine.source import model_file
 
-    n = n_shards
-    if n == 1:
-        os.replace(os.path.join(staging, shard_name(0, 1)), os.path.join(staging, "model.safetensors"))
-        keep = {"model.safetensors"}
-    else:
-        with open(os.path.join(staging, INDEX), encoding="utf-8") as f:
-            index = json.load(f)
-        order = sorted(index["weight_map"])  # mergekit's output order: plain name order
-        write_index(os.path.join(staging, INDEX), {k: index["weight_map"][k] for k in order},
-                    int(index["metadata"]["total_size"]))
-        keep = {shard_name(i, n) for i in range(n)} | {INDEX}
-    for fn in os.listdir(staging):  # the engine's side files: config, tokenizer, report, yaml
-        if fn not in keep:
-            os.remove(os.path.join(staging, fn))
+    if len(names) > 1:
+        tasks = sorted(merge_plan.tasks, key=lambda t: t.name)  # mergekit's output order: plain name order
+        write_index(os.path.join(staging, INDEX), {t.name: names[t.shard] for t in tasks},
+                    sum(t.out_bytes for t in tasks))
     base = os.path.abspath(plan.config["base_model"])
     with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
         f.write(output_config(model_file(base, "config.json"), plan.config_dtype))

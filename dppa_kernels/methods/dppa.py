@@ -13,6 +13,7 @@ from .. import plans as P
 from ..reference import sparsify as S
 from ..spec import SparsifySpec
 from . import _common as C
+from ..vocab import MAX_BANDS
 from .registry import MergeMethod, Param, Sparsifier, register
 
 NONUNIT_MODES = ("dense", "official", "base", "prune")
@@ -85,6 +86,9 @@ class Bands(Sparsifier):
 
         if not s.densities:
             raise ValueError(f"{argname}.densities must list at least one density for method='bands'")
+        if len(s.densities) > MAX_BANDS:
+            raise ValueError(f"{argname}.densities has {len(s.densities)} bands; at most {MAX_BANDS} are supported "
+                             f"(got {tuple(s.densities)[:MAX_BANDS + 2]})")
         for j, d in enumerate(s.densities):
             check_density(d, f"{argname}.densities[{j}]")
         if any(b < a for a, b in zip(s.densities, s.densities[1:])):

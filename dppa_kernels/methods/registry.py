@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -175,17 +176,26 @@ class MergeMethod:
 _lock = threading.RLock()
 _SPARSIFIERS: dict = {}
 _METHODS: dict = {}
+_ORDER: dict = {}  # (name, is a method) -> (module, registration count)
 _loaded: list = []
 
 
 def register(*items) -> None:
-    """Register sparsifiers (instances) and merge methods; a name is registered once."""
+    """Register sparsifiers (instances) and merge methods; a name is registered once. Listings
+    follow the registering module's name, then the order within it, whatever imported it first."""
+    module = sys._getframe(1).f_globals.get("__name__", "")
     with _lock:
         for it in items:
             table = _SPARSIFIERS if isinstance(it, Sparsifier) else _METHODS
             if it.name in table:
                 raise ValueError(f"{type(it).__name__} {it.name!r} is registered twice")
             table[it.name] = it
+            _ORDER[it.name, table is _METHODS] = (module, len(_ORDER))
+
+
+def _sorted(table: dict) -> dict:
+    kind = table is _METHODS
+    return dict(sorted(table.items(), key=lambda kv: _ORDER[kv[0], kind]))
 
 
 def _load() -> None:
@@ -205,13 +215,13 @@ def _load() -> None:
 
 def sparsifiers() -> dict:
     _load()
-    return dict(_SPARSIFIERS)
+    return _sorted(_SPARSIFIERS)
 
 
 def methods() -> dict:
     """Every merge method, by name (registration order: module name, then order in the module)."""
     _load()
-    return dict(_METHODS)
+    return _sorted(_METHODS)
 
 
 def get_sparsifier(name: str, argname: str = "method") -> Sparsifier:

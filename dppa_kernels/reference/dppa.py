@@ -14,11 +14,11 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from ..vocab import HIST_BINS
 from .threshold import key_to_value, keep_count, magnitude_keys, no_keep_key
 
 logger = logging.getLogger(__name__)
 
-HIST_BINS = 32768
 STATS_DTYPES = (torch.bfloat16, torch.float16)
 
 

@@ -14,11 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..vocab import BAND_COMBINES, RESCALES  # noqa: F401  (re-exported)
 from . import rng
 from .threshold import band_codes_ref, keep_count, magnitude_keys, magnitude_mask_ref, rank_desc
-
-RESCALES = ("none", "inv_density", "l1")
-BAND_COMBINES = ("max", "direct")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps: no rescale when either norm is below it
 
 

@@ -33,9 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-TIE_MODES = ("exact_k", "ge", "gt")
-PARTITIONS = ("tensor", "row", "block")
-COUNT_RULES = ("floor", "min1", "dppa")
+from ..vocab import COUNT_RULES, PARTITIONS, TIE_MODES, partition_geometry  # noqa: F401  (re-exported)
 
 _INT_VIEW = {
     torch.bfloat16: (torch.int16, 0x7FFF),
@@ -92,20 +90,10 @@ def keep_count(n: int, density: float, count_rule: str = "floor") -> int:
 def partition_view(
     flat: torch.Tensor, shape: Sequence[int], partition: str, block_size: Optional[int]
 ) -> list[tuple[int, int]]:
-    """(start, length) of every partition of the flattened tensor, in order."""
+    """(start, length) of every partition of the flattened tensor, in order (``vocab.partition_geometry``)."""
     n = flat.numel()
-    if partition == "tensor":
-        return [(0, n)]
-    if partition == "row":
-        cols = shape[-1] if len(shape) >= 1 else 1
-        if n == 0:
-            return []
-        return [(s, cols) for s in range(0, n, cols)]
-    if partition == "block":
-        if not block_size or block_size < 1:
-            raise ValueError(f"block_size must be a positive int for partition='block', got {block_size!r}")
-        return [(s, min(block_size, n - s)) for s in range(0, n, block_size)]
-    raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    length, parts = partition_geometry(shape, partition, block_size)
+    return [(p * length, min(length, n - p * length)) for p in range(parts)]
 
 
 def select_partition(keys: torch.Tensor, k: int, key_dtype: torch.dtype) -> tuple[int, int, int]:
