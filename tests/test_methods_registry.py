@@ -141,3 +141,28 @@ def test_installed_own_methods_declare_registry_specs():
             spec = {p.name: p for p in mm.get(name).spec.parameters}
             assert set(spec) <= set(get_method(name).names(mergekit=True)), name
             assert mm.get(name).spec.reference_url.endswith(get_method(name).reference)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_each_sparsifier_knows_what_it_kept(backend):
+    """Sparsifier.realised equals the count of the reference factor's nonzeros (and the engine
+    report's count from the applied plan, where that is exact)."""
+    from test_backend_parity import PRUNE_CASES
+
+    from dppa_kernels import reference as R
+    from dppa_kernels.backends.registry import get_backend
+    from dppa_kernels.engine.report import kept_fraction
+    from helpers import realistic_delta
+
+    x = realistic_delta((37, 129), torch.bfloat16, sigma=2e-3)
+    for method, kw in PRUNE_CASES:
+        spec = dk.ops.sparsify_spec(method, **kw)
+        plan = None if backend == "reference" else dk.ops.make_plan(get_backend(backend), x, spec, seed=3, name="w",
+                                                                     stream=1)
+        got = sparsifiers()[method].realised(x, spec, seed=3, name="w", stream=1, hist=None, backend=backend,
+                                             plan=plan)
+        f = R.sparsify_factor(x, spec, seed=3, name="w", stream=1)
+        assert got == float((f != 0).sum()) / x.numel(), (method, kw)
+        frac, exact = kept_fraction(plan, spec, x, seed=3, name="w", stream=1)
+        if exact:
+            assert got == frac, (method, kw)
