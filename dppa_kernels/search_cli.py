@@ -79,11 +79,12 @@ def _plain_settings(cfg) -> dict:
 def build_dppa(cfg, *, device: str, backend: str):
     """(DPPA over the config's folders, the merge's keyword arguments) for a dppa config."""
     from .dppa import DPPA
+    from .engine.config import is_dppa
     from .engine.params import ParamResolver
     from .engine.plan import DTYPES
 
-    if cfg.merge_method not in ("dppa", "dppa_ties"):
-        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties, got {cfg.merge_method!r}")
+    if not is_dppa(cfg.merge_method):
+        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties (a DPPA method), got {cfg.merge_method!r}")
     levels = ParamResolver(cfg, 1).dp_levels()
     weights = []
     for m in cfg.models:
