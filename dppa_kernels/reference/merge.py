@@ -20,7 +20,8 @@ def sparsify_factor(delta: torch.Tensor, spec: SparsifySpec, *, seed: int = 0, n
         return sp.magnitude_factor(delta, spec.density, density1_prunes_min=spec.density1_prunes_min,
                                    **spec.mask_kwargs())
     if m == "bands":
-        return sp.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine, **spec.mask_kwargs())
+        return sp.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine,
+                               density1_prunes_min=spec.density1_prunes_min, **spec.mask_kwargs())
     if m == "dare":
         return sp.dare_factor(delta, spec.density, seed, name, stream)
     if m == "della":
