@@ -5,6 +5,7 @@ and mergekit's L1 rescale. Used by :mod:`dppa_kernels.ops`; plans follow ``backe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -90,6 +91,17 @@ def threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode, check_as=No
     return ApplyPlan(kind="thresholds", partition=spec.partition, block_size=spec.block_size,
                      key_dtype=spec.key_dtype, tie_mode=tie_mode, tau_key=tau, budget=budget, c_eq=eq,
                      factors=tuple(float(f) for f in factors), finite_checked=check_as is not None)
+
+
+def keep_full_levels(plan: ApplyPlan, densities: Sequence[float], prunes_min: bool = False) -> ApplyPlan:
+    """A level at density >= 1 keeps everything. Its τ is the smallest key, so under ``gt`` it
+    would still drop the minima (the official DPPA quirk, kept when ``prunes_min``); otherwise
+    such a level gets τ = -1, below every key (no ties, no budget)."""
+    full = torch.tensor([[d >= 1.0 for d in densities]])
+    if plan.tie_mode != "gt" or prunes_min or not bool(full.any()):
+        return plan
+    return replace(plan, tau_key=plan.tau_key.masked_fill(full, -1), budget=plan.budget.masked_fill(full, 0),
+                   c_eq=plan.c_eq.masked_fill(full, 0))
 
 
 def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,

@@ -15,6 +15,7 @@ import torch
 
 from ..ops import dp_densities
 from ..reference.dppa import DPAllocation
+from .defaults import check_compat
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,11 @@ class DPSettings:
     outlier_mult_layer: float = 3.0
     outlier_mult_unit: float = 5.0
     density_clamp: tuple = (0.0, 1.0)
-    compat: Optional[str] = None
+    compat: Optional[str] = None  # None or "official" ("none" is read as None)
     renormalize: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compat", check_compat(self.compat))
 
     @classmethod
     def from_params(cls, params: Mapping) -> "DPSettings":
@@ -38,8 +42,6 @@ class DPSettings:
         kw = {f.name: params[f.name] for f in fields(cls) if f.name in params and params[f.name] is not None}
         if "density_clamp" in kw:
             kw["density_clamp"] = tuple(float(x) for x in kw["density_clamp"])
-        if kw.get("compat") == "none":
-            kw["compat"] = None
         if "renormalize" in kw and not isinstance(kw["renormalize"], bool):
             raise ValueError(f"renormalize must be true or false, got {str(kw['renormalize'])[:40]!r}")
         return cls(**kw)

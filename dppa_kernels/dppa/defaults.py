@@ -13,7 +13,7 @@ setting (densities (0.1, 0.2)); for K levels each preset is extended as stated b
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 DEFAULT_DENSITIES = (0.1, 0.2)
 DEFAULT_PRESET = "plain"
@@ -21,6 +21,42 @@ DEFAULT_PRESET = "plain"
 # ties of bf16 deltas; the official rule ("gt", prune every tie at the threshold) undershoots by
 # the tie share (a few % on the demo family) and stays available as tie_mode: gt.
 DEFAULT_TIE_MODE = "exact_k"
+
+# The settings that ``compat`` decides, with their defaults and their values under
+# ``compat="official"`` (the official code's rules; docs/dppa.md lists what each changes).
+COMPAT_MODES = ("none", "official")
+DEFAULT_SETTINGS = {"tie_mode": DEFAULT_TIE_MODE, "nonunit_mode": "dense", "count_rule": "dppa",
+                    "band_combine": "max", "stats_dtype": "bfloat16"}
+OFFICIAL_SETTINGS = {"tie_mode": "gt", "nonunit_mode": "official", "count_rule": "dppa",
+                     "band_combine": "max", "stats_dtype": "bfloat16"}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_compat(compat) -> Optional[str]:
+    """``"official"`` or None (for None and ``"none"``); ValueError for anything else."""
+    if compat is None or compat == "none":
+        return None
+    if compat != "official":
+        raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}, got {str(compat)[:40]!r}")
+    return compat
+
+
+def resolve_settings(compat, given: Mapping) -> dict:
+    """The settings of :data:`DEFAULT_SETTINGS` for ``compat``: each given (not None) value, the
+    default (or, under ``compat="official"``, the official value) for the rest. Under
+    ``compat="official"`` a given value that contradicts the official one is a ValueError."""
+    official = check_compat(compat) == "official"
+    base = OFFICIAL_SETTINGS if official else DEFAULT_SETTINGS
+    out = dict(base)
+    for key, value in given.items():
+        if key not in base or value is None:
+            continue
+        name = _ALIASES.get(value, value) if isinstance(value, str) else str(value).removeprefix("torch.")
+        if official and name != base[key]:
+            raise ValueError(f"compat official needs {key} {base[key]!r}, got {str(value)[:40]!r} "
+                             f"(leave it unset or drop compat)")
+        out[key] = value
+    return out
 
 
 def _plain(k: int) -> tuple:

@@ -30,7 +30,7 @@ from ..reference.naming import group_units
 from ..spec import CombineSpec, SparsifySpec
 from . import stats as S
 from .allocation import DPSettings, allocate, mean_density
-from .defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, resolve_alphas
+from .defaults import DEFAULT_DENSITIES, resolve_alphas, resolve_settings
 from .thresholds import UnitBands, factors_of
 from .units import unmatched_linears, warn_unmatched
 
@@ -59,7 +59,12 @@ class DPPA:
     (``dense``: Δ × 1; ``official``: Δ × max α; ``base``: Δ dropped; ``prune``: the bands at the
     uniform levels). Ties at a threshold follow ``tie_mode`` (``exact_k``, the default, keeps exactly
     each level's count, ties in flat index order; ``gt`` prunes every element equal to τ, the
-    official rule; ``ge`` keeps them all).
+    official rule; ``ge`` keeps them all). A level at density 1 keeps every element.
+    ``compat="official"`` reproduces the official code: its bf16 outlier tests and offset
+    arithmetic, ``tie_mode="gt"``, ``nonunit_mode="official"``, and a level at density 1 still
+    pruning the smallest magnitudes; ``tie_mode``, ``count_rule``, ``band_combine``,
+    ``stats_dtype`` and ``nonunit_mode`` then default to the official values, and a contradicting
+    value is a ValueError (defaults otherwise: ``defaults.DEFAULT_SETTINGS``).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], fts: Sequence[Mapping[str, torch.Tensor]], *,
@@ -67,8 +72,9 @@ class DPPA:
                  labels: Optional[Sequence[str]] = None, offset_lambda: float = 0.08,
                  outlier_mult_layer: float = 3.0, outlier_mult_unit: float = 5.0,
                  density_clamp: tuple = (0.0, 1.0), renormalize: bool = False, compat: Optional[str] = None,
-                 tie_mode: str = DEFAULT_TIE_MODE, count_rule: str = "dppa", band_combine: str = "max",
-                 stats_dtype: Any = "bfloat16", nonunit_mode: str = "dense", unit_pattern: Optional[str] = None,
+                 tie_mode: Optional[str] = None, count_rule: Optional[str] = None,
+                 band_combine: Optional[str] = None, stats_dtype: Any = None,
+                 nonunit_mode: Optional[str] = None, unit_pattern: Optional[str] = None,
                  layer_pattern: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                  backend: str = "auto") -> None:
         if not isinstance(base, Mapping) or not base:
@@ -79,6 +85,10 @@ class DPPA:
         self.labels = list(labels) if labels is not None else [f"model {i}" for i in range(self.m)]
         if len(self.labels) != self.m:
             raise ValueError(f"labels has {len(self.labels)} entries, expected {self.m}")
+        given = {"tie_mode": tie_mode, "count_rule": count_rule, "band_combine": band_combine,
+                 "stats_dtype": stats_dtype, "nonunit_mode": nonunit_mode}
+        tie_mode, count_rule, band_combine, stats_dtype, nonunit_mode = (
+            resolve_settings(compat, given)[k] for k in given)
         if nonunit_mode not in NONUNIT_MODES:
             raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {str(nonunit_mode)[:40]!r}")
         if tie_mode not in ("gt", "ge", "exact_k"):
@@ -86,6 +96,7 @@ class DPPA:
         factors_of((1.0,), band_combine)  # validates band_combine
         self.settings = DPSettings(offset_lambda, outlier_mult_layer, outlier_mult_unit, tuple(density_clamp),
                                    compat, bool(renormalize))
+        self.official = self.settings.compat == "official"
         self.tie_mode, self.count_rule, self.band_combine = tie_mode, count_rule, band_combine
         self.nonunit_mode = nonunit_mode
         self.sdtype = S.stats_dtype_of(stats_dtype)
@@ -179,8 +190,8 @@ class DPPA:
             alloc = allocate(hists, self.units, self.levels[i], self.settings, stats_dtype=self.sdtype,
                              backend=self.backend)
             self.allocations.append(alloc)
-            self.bands.append({n: UnitBands.from_hist(hists[n], alloc.densities[n], self.sdtype, self.count_rule)
-                               for n in self.units})
+            self.bands.append({n: UnitBands.from_hist(hists[n], alloc.densities[n], self.sdtype, self.count_rule,
+                                                      prunes_min=self.official) for n in self.units})
             self.summary.append({"model": self.labels[i], "levels": list(self.levels[i]),
                                  "mean_density": mean_density(alloc, sizes), "clamped": len(alloc.clamped)})
             self._templates.append(self._nonunit_templates(i))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import _validate as V
-from ..dppa.defaults import default_alphas
+from ..dppa.defaults import DEFAULT_SETTINGS, check_compat, default_alphas, resolve_settings
 from ..methods import NONUNIT_MODES, nonunit_spec, preset
 from ..spec import CombineSpec
 from .config import is_dppa
@@ -48,13 +48,19 @@ def _specs(task, method: str, n: int, levels, unit_densities, labels) -> tuple:
         w, specs, combine = preset(method, n, p)
         return w, specs, combine, "merge"
     alphas = dppa_alphas(task, levels, labels)
-    mode = task.dppa_params.get("nonunit_mode", "dense")
+    compat = task.dppa_params.get("compat")
+    given = {k: (task.dppa_params if k == "nonunit_mode" else p).get(k) for k in DEFAULT_SETTINGS}
+    settings = resolve_settings(compat, given)
+    mode = settings.pop("nonunit_mode")
+    p.update(settings)
     if mode not in NONUNIT_MODES:
         raise MergeError(f"nonunit_mode must be one of {', '.join(NONUNIT_MODES)}; got {brief(mode)}")
     p["alphas"] = alphas
     p["densities"] = unit_densities if task.unit else levels
     w, specs, combine = preset(method, n, p)
     if task.unit:
+        if check_compat(compat) == "official":  # a unit at density 1 still drops its minima
+            specs = [s.with_(density1_prunes_min=True) for s in specs]
         return w, specs, combine, "merge"
     if mode == "base":
         return w, specs, combine, "base"  # the base tensor itself, bit for bit

@@ -41,7 +41,7 @@ import torch
 
 from ..dppa import stats as dppa_stats
 from ..dppa.allocation import DPSettings, allocate
-from ..dppa.defaults import default_alphas
+from ..dppa.defaults import default_alphas, resolve_settings
 from ..dppa.units import unmatched_linears, warn_unmatched
 from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, methods, nonunit_spec, preset
 from ..reference.naming import group_units, unit_layer
@@ -76,6 +76,7 @@ class DPPATable:
     patterns: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)  # seconds, bytes_read, units
     method_for_combine: str = "dppa"  # dppa (sum) or dppa_ties
+    official: bool = False  # compat official
 
     def specs(self, name: str, models: list, shape: tuple, *, normalize: bool, lam: float):
         """(specs, combine) for tensor ``name`` merged from ``models`` (model keys); specs is None
@@ -88,7 +89,10 @@ class DPPATable:
                   "alphas": [tuple(self.alphas[k]) for k in models]}
         if name in self.units:
             params["densities"] = [tuple(self.densities[(k, name)]) for k in models]
-            return preset(self.method_for_combine, len(models), params)[1:]
+            specs, combine = preset(self.method_for_combine, len(models), params)[1:]
+            if self.official:  # a unit at density 1 still drops its minima (compat official)
+                specs = [s.with_(density1_prunes_min=True) for s in specs]
+            return specs, combine
         if unit_layer(name, shape, **self.patterns) is not None:
             raise KeyError(f"{name!r} is a DPPA unit by its name but was not seen by the statistics "
                            "pre-pass (tensor names differ between mergekit and the checkpoint?)")
@@ -200,10 +204,10 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
         raise ValueError("dppa needs a base_model")
     t0 = time.perf_counter()
     glob = _settings(merge_config.parameters, _DP_KEYS + _SPEC_KEYS + _OTHER_KEYS + _PER_MODEL_KEYS)
-    settings = {k: glob.get(k, DPPA_DEFAULTS.get(k)) for k in _SPEC_KEYS}
+    settings = resolve_settings(glob.get("compat"), {k: glob.get(k) for k in _SPEC_KEYS + ("nonunit_mode",)})
+    nonunit = settings.pop("nonunit_mode")
     if settings["stats_dtype"] not in _DTYPES:
         raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
-    nonunit = glob.get("nonunit_mode", "dense")
     if nonunit not in NONUNIT_MODES:
         raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
     patterns = {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
@@ -225,7 +229,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     dtype = dtype_from_name(merge_config.dtype) if merge_config.dtype else \
         dppa_stats.promoted_dtypes([base_dir, *model_dirs.values()], layers)
     table = DPPATable(settings=settings, nonunit_mode=nonunit, units=dict(layers), patterns=patterns,
-                      method_for_combine=method)
+                      method_for_combine=method, official=dp.compat == "official")
     nbytes = 0
     for model_in in merge_config.models:
         ref = model_in.model

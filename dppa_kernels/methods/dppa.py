@@ -104,18 +104,14 @@ class Bands(Sparsifier):
 
     def plan(self, be, delta, spec, *, seed, name, stream, check_as):
         ks = [P.keep_of(delta, spec, d) for d in spec.densities]
-        return P.threshold_plan(be, delta, spec, ks, S.band_factors(spec.alphas, spec.band_combine),
+        plan = P.threshold_plan(be, delta, spec, ks, S.band_factors(spec.alphas, spec.band_combine),
                                 spec.tie_mode, check_as)
+        return P.keep_full_levels(plan, spec.densities, spec.density1_prunes_min)
 
     def factor(self, delta, spec, *, seed, name, stream):
-        return S.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine, **spec.mask_kwargs())
+        return S.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine,
+                              density1_prunes_min=spec.density1_prunes_min, **spec.mask_kwargs())
 
-    def realised(self, delta, spec, *, hist=None, **kw):
-        if hist is not None and spec.partition == "tensor":
-            from ..engine.compute import band_stats  # exact from the statistics pass's histogram
-
-            return band_stats(hist, spec)[1]
-        return super().realised(delta, spec, hist=hist, **kw)
 
 
 register(

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..vocab import HIST_BINS
@@ -45,26 +46,55 @@ def hist_mean(hist: torch.Tensor, stats_dtype: torch.dtype = torch.bfloat16) -> 
 
 
 def outlier_ratio(hist: torch.Tensor, mult: float, stats_dtype: torch.dtype = torch.bfloat16,
-                  official: bool = False) -> float:
+                  official: bool = False, division: bool = False) -> float:
     """100 · #{|Δ| > mult · mean|Δ|} / N from a histogram (monotone predicate, evaluated per bin).
 
-    ``official=True`` rounds the mean, the cut and the ratio to bf16 as the official code does.
+    ``official=True`` evaluates the predicate in bf16 as the official code does: the mean is
+    rounded to bf16, then either the cut ``bf16(mean · mult)`` is compared with |Δ| (its unit
+    test), or, with ``division=True``, ``bf16(|Δ| / mean) > mult`` (its layer test). The ratio
+    itself is a float64 count ratio in both cases (official: count / N · 100, in that order).
     """
     n = int(hist.sum())
     if n == 0:
         return 0.0
-    vals = _bin_values(stats_dtype)
     mu = hist_mean(hist, stats_dtype)
     if official:
-        mu = float(torch.tensor(mu).to(torch.bfloat16))
-        cut = float(torch.tensor(mult * mu).to(torch.bfloat16))
+        vals = key_to_value(torch.arange(HIST_BINS), stats_dtype).to(torch.bfloat16)
+        mu_b = torch.tensor(mu).to(torch.bfloat16)
+        hit = (vals / mu_b) > mult if division else vals > mu_b * mult
     else:
-        cut = mult * mu
-    count = int(hist[vals > cut].sum())
-    ratio = 100.0 * count / n
-    if official:
-        ratio = float(torch.tensor(ratio).to(torch.bfloat16))
-    return ratio
+        hit = _bin_values(stats_dtype) > mult * mu
+    count = int(hist[hit].sum())
+    return count / n * 100 if official else 100.0 * count / n  # the official operation order
+
+
+# The module order of a Llama block (the official code walks the model's modules).
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _module_rank(name: str) -> int:
+    parts = name.split(".")
+    return next((_MODULE_ORDER.index(p) for p in reversed(parts) if p in _MODULE_ORDER), len(_MODULE_ORDER))
+
+
+def _official_offsets(layer_ratios: list, unit_ratios: list, sizes: list, offset_lambda: float) -> tuple:
+    """(ℓ per layer, u per unit) in the official code's float64 operation order (numpy): the layer
+    ratios centred and scaled by λ / max|·|; the unit ratios divided by their mean, centred by the
+    size-weighted mean and scaled the same way. Where it would divide by zero, the offsets are 0."""
+    o = np.array(layer_ratios, dtype=np.float64)
+    o -= o.mean()
+    span = np.absolute(o).max()
+    o = o * (offset_lambda / span) if span > 0 else np.zeros_like(o)
+    p = np.array(unit_ratios, dtype=np.float64)
+    w = np.array(sizes, dtype=np.int64)
+    if p.mean() > 0:
+        p /= p.mean()
+        p -= (p * w).sum() / w.sum()
+        span = np.absolute(p).max()
+        p = p * (offset_lambda / span) if span > 0 else np.zeros_like(p)
+    else:
+        p = np.zeros_like(p)
+    return o.tolist(), p.tolist()
 
 
 def threshold_from_hist(hist: torch.Tensor, k: int, stats_dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
@@ -107,37 +137,55 @@ def dp_allocate(
 
     hists: histogram per unit tensor; layers: layer id per unit tensor (same keys); levels: the
     target densities 1 − s_j of each level (one level for DP, K for K bands).
+
+    ``compat="official"`` reproduces the official code's arithmetic: the outlier tests in bf16
+    (the layer test in its division form ``bf16(|Δ| / mean) > M_l``), the offsets in its float64
+    operation order, and each level taken as 1 − s with s = 1 − d. Where the official code
+    divides by zero (all layer ratios equal, no unit outliers) the offsets are 0.
     """
     names = list(hists)
     if set(names) != set(layers):
         raise ValueError("hists and layers must have the same tensor names")
+    if compat not in (None, "none", "official"):
+        raise ValueError(f"compat must be none or official, got {str(compat)[:40]!r}")
     official = compat == "official"
     alloc = DPAllocation(levels=tuple(float(x) for x in levels))
     if not names:
         return alloc
+    if official:  # its sums run over the model's modules in order: the last bits depend on it
+        names.sort(key=lambda t: (layers[t], _module_rank(t), t))
     n_of = {t: int(hists[t].sum()) for t in names}
     # Layer outlier ratios over the concatenation of each layer's units.
     layer_ids = list(dict.fromkeys(layers[t] for t in names))
     for lid in layer_ids:
         h = sum(hists[t] for t in names if layers[t] == lid)
-        alloc.layer_ratio[lid] = outlier_ratio(h, outlier_mult_layer, stats_dtype, official)
-    o = torch.tensor([alloc.layer_ratio[lid] for lid in layer_ids], dtype=torch.float64)
-    dev = o - o.mean()
-    span = float(dev.abs().max())
-    for lid, dv in zip(layer_ids, dev.tolist()):
-        alloc.layer_offset[lid] = offset_lambda * dv / span if span > 0 else 0.0
-    # Unit outlier ratios, centred by the N-weighted mean.
-    p = torch.tensor([outlier_ratio(hists[t], outlier_mult_unit, stats_dtype, official) for t in names],
-                     dtype=torch.float64)
-    nn = torch.tensor([n_of[t] for t in names], dtype=torch.float64)
-    r = p - (nn * p).sum() / nn.sum() if nn.sum() > 0 else torch.zeros_like(p)
-    rspan = float(r.abs().max())
+        alloc.layer_ratio[lid] = outlier_ratio(h, outlier_mult_layer, stats_dtype, official, division=True)
+    for t in names:
+        alloc.unit_ratio[t] = outlier_ratio(hists[t], outlier_mult_unit, stats_dtype, official)
+    if official:
+        ell, u = _official_offsets([alloc.layer_ratio[lid] for lid in layer_ids],
+                                   [alloc.unit_ratio[t] for t in names], [n_of[t] for t in names], offset_lambda)
+        alloc.layer_offset.update(zip(layer_ids, ell))
+        alloc.unit_offset.update(zip(names, u))
+    else:
+        o = torch.tensor([alloc.layer_ratio[lid] for lid in layer_ids], dtype=torch.float64)
+        dev = o - o.mean()
+        span = float(dev.abs().max())
+        for lid, dv in zip(layer_ids, dev.tolist()):
+            alloc.layer_offset[lid] = offset_lambda * dv / span if span > 0 else 0.0
+        # Unit outlier ratios, centred by the N-weighted mean.
+        p = torch.tensor([alloc.unit_ratio[t] for t in names], dtype=torch.float64)
+        nn = torch.tensor([n_of[t] for t in names], dtype=torch.float64)
+        r = p - (nn * p).sum() / nn.sum() if nn.sum() > 0 else torch.zeros_like(p)
+        rspan = float(r.abs().max())
+        for t, rt in zip(names, r.tolist()):
+            alloc.unit_offset[t] = offset_lambda * rt / rspan if rspan > 0 else 0.0
     lo, hi = density_clamp
-    for t, pt, rt in zip(names, p.tolist(), r.tolist()):
-        alloc.unit_ratio[t] = pt
-        alloc.unit_offset[t] = offset_lambda * rt / rspan if rspan > 0 else 0.0
+    for t in names:
         ds = []
         for lvl in alloc.levels:
+            if official:
+                lvl = 1.0 - (1.0 - lvl)  # the official code configures the sparsity s = 1 - d
             d = lvl + alloc.layer_offset[layers[t]] + alloc.unit_offset[t]
             if d < lo or d > hi:
                 alloc.clamped.append((t, lvl, d))

@@ -193,17 +193,19 @@ def band_codes_ref(
     block_size: Optional[int] = None,
     count_rule: str = "floor",
     key_dtype: Optional[torch.dtype] = None,
+    density1_prunes_min: bool = False,
 ) -> torch.Tensor:
     """Band index per element: j (1-based) for the smallest j whose mask keeps it, 0 if pruned.
 
     ``densities`` must be non-decreasing, so the K masks are nested: band 1 is the largest
-    magnitudes (density d_1), band j holds what mask j adds to mask j−1.
+    magnitudes (density d_1), band j holds what mask j adds to mask j−1. ``density1_prunes_min``
+    as in :func:`magnitude_mask_ref`, for every level at density 1.
     """
     codes = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
     for j in reversed(range(len(densities))):
         m = magnitude_mask_ref(
             x, densities[j], tie_mode=tie_mode, partition=partition, block_size=block_size,
-            count_rule=count_rule, key_dtype=key_dtype,
+            count_rule=count_rule, key_dtype=key_dtype, density1_prunes_min=density1_prunes_min,
         )
         codes[m] = j + 1
     return codes
