@@ -78,8 +78,11 @@ def _plain_settings(cfg) -> dict:
 
 
 def check_method(cfg) -> None:
-    if cfg.merge_method not in ("dppa", "dppa_ties"):
-        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties, got {cfg.merge_method!r}")
+    from .engine.config import is_dppa
+
+    if not is_dppa(cfg.merge_method):
+        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties (a DPPA method), "
+                             f"got {cfg.merge_method!r}")
 
 
 def build_dppa(cfg, *, device: str, backend: str):

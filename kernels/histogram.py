@@ -3,7 +3,7 @@
 hist[b] = #{e : key(x[e] rounded to stats_dtype) == b}, b in [0, 32768) (``reference.dppa.histogram_ref``).
 
 Triton 3.6 has no shared-memory atomics and lowers a 32768-bin ``tl.histogram`` to a ballot loop
-that costs hundreds of instructions per element (PERF.md §4), so each element does one relaxed
+that costs hundreds of instructions per element, so each element does one relaxed
 global ``atomic_add`` into an int64 histogram (L2 atomics; realistic deltas spread over thousands
 of codes, so contention is low). The CUDA backend's shared-memory histogram is the fast path; this
 one is the portable fallback.

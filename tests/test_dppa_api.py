@@ -14,7 +14,7 @@ from dppa_kernels.backends import registry
 from dppa_kernels.dppa import DPPA, PRESETS, default_alphas, stats
 from dppa_kernels.engine.synth import llama_shapes
 from dppa_kernels.methods import DPPA_DEFAULTS
-from test_engine_util import family, load_dir
+from engine_util import family, load_dir
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

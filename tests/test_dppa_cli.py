@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from test_engine_util import cli, dir_digest, family, write_config
+from engine_util import cli, dir_digest, family, write_config
 
 pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import torch
 from dppa_kernels import reference as R
 from dppa_kernels.dppa import DPPA
 from dppa_kernels.spec import SparsifySpec
-from test_engine_util import cli, deltas_of, family, load_dir, write_config
+from engine_util import cli, deltas_of, family, load_dir, write_config
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from dppa_kernels.dppa import DPPA
 from dppa_kernels.dppa.units import unmatched_linears
 from dppa_kernels.engine.synth import write_model
 from dppa_kernels.reference.naming import group_units
-from test_engine_util import cli, write_config
+from engine_util import cli, write_config
 
 
 def _moe_names(layers=2):

@@ -12,7 +12,7 @@ import torch
 from dppa_kernels import dp_densities, merge_deltas
 from dppa_kernels.backends.registry import availability
 from dppa_kernels.reference.naming import group_units
-from test_engine_util import cli, deltas_of, dir_digest, family, load_dir, tree_state, write_config
+from engine_util import cli, deltas_of, dir_digest, family, load_dir, tree_state, write_config
 
 W = [1.0, 0.5, 0.75]
 CASES = {
@@ -180,7 +180,7 @@ def test_dppa_resident_equals_streamed_and_nonunit_modes(fam, tmp_path):
 
 
 def test_demo_runs_from_module(tmp_path):
-    from test_engine_util import cli_subprocess
+    from engine_util import cli_subprocess
 
     r = cli_subprocess("demo", timeout=180)
     assert r.returncode == 0, r.stderr

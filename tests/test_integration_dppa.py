@@ -9,13 +9,16 @@ import pytest
 import torch
 import yaml
 
-from test_integration_common import DEVICES, config, load, run, run_cli, write_family
+from integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels import dp_densities, merge_deltas
 from dppa_kernels.dppa import default_alphas
 from dppa_kernels.integrations import mergekit as dk
 from dppa_kernels.integrations.mergekit_dppa import DPPATable
+from dppa_kernels.methods import methods
 from dppa_kernels.reference.naming import group_units
+
+DPPA_METHODS = [n for n, m in methods().items() if m.dppa]
 
 PARAMS = [{"weight": 1.0, "densities": [0.1, 0.2], "alphas": [1.8, 1.0]},
           {"weight": 0.7, "densities": [0.15, 0.3], "alphas": [2.0, 0.5]}]
@@ -60,7 +63,7 @@ def _expected(dirs, method, params, glob):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_dppa_in_mergekit_equals_public_ops(fam, tmp_path, method, device):
     got = run(config(method, fam, PARAMS, GLOBAL), tmp_path / "out", ours=True, cuda=device == "cuda")
     want, layers = _expected(fam, method, PARAMS, GLOBAL)
@@ -96,7 +99,7 @@ def test_dppa_without_prepass_is_a_clear_error(fam, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
-    from test_integration_common import options
+    from integration_common import options
 
     dk.install()
     mc = MergeConfiguration.model_validate(config("dppa", fam, PARAMS, GLOBAL))
@@ -165,7 +168,7 @@ def _state_dicts(n: int = 3, seed: int = 0, requires_grad: bool = False):
     return [one() for _ in range(n)], names
 
 
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_merge_state_dicts_strided_weights_without_mutation(method):
     """mergekit's rule for every registered method (test_state_dict_methods_accept_strided_weights
     _without_mutation): strided inputs merge like contiguous ones, finite, inputs untouched."""
@@ -187,7 +190,7 @@ def test_merge_state_dicts_strided_weights_without_mutation(method):
         assert torch.equal(t, c)
 
 
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_merge_state_dicts_takes_dp_statistics_from_the_tensors_at_hand(method):
     """Without a pre-pass, the in-memory call allocates DP densities between the unit tensors it
     was given (what dp_densities computes from the same deltas) and merges with them."""

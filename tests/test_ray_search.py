@@ -175,7 +175,7 @@ def test_evaluators_must_travel_by_reference(one):
 def test_cli_executor_ray_gives_the_sequential_candidates(cluster, tmp_path):
     pytest.importorskip("transformers")
     from dppa_kernels.tasks.tokenizer import char_tokenizer
-    from test_engine_util import cli, family, write_config
+    from engine_util import cli, family, write_config
 
     base, fts = family(tmp_path / "fam", n_ft=2)
     char_tokenizer().save_pretrained(str(tmp_path / "tok"))

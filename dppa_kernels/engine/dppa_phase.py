@@ -1,6 +1,6 @@
 """DPPA phase 1: exact per-unit histograms of every model's delta, then the DP allocation.
 
-Statistics are whole-model (DPPA.md §4), so every unit delta is streamed once before any tensor
+Statistics are whole-model (docs/methods.md, DPPA), so every unit delta is streamed once before any tensor
 is merged. The host then computes each model's DP densities and band thresholds from the
 histograms. In resident mode the base and deltas stay on the device for phase 2.
 

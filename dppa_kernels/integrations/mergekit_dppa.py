@@ -1,7 +1,7 @@
 """DPPA inside mergekit: the statistics pre-pass and the per-(model, tensor) lookup table.
 
 mergekit merges one tensor at a time, but DP densities depend on whole-model statistics
-(DPPA.md §4). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
+(docs/methods.md, DPPA). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
 model named in the config once, before mergekit plans the merge, and stores the DP densities of
 every (model, unit tensor); the ``dppa`` / ``dppa_ties`` methods look them up by tensor name.
 
@@ -43,7 +43,7 @@ from ..dppa import stats as dppa_stats
 from ..dppa.allocation import DPSettings, allocate
 from ..dppa.defaults import default_alphas
 from ..dppa.units import unmatched_linears, warn_unmatched
-from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
+from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, methods, nonunit_spec, preset
 from ..reference.naming import group_units, unit_layer
 
 LOG = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     """Run the DPPA statistics pre-pass for a mergekit ``MergeConfiguration`` (merge_method
     ``dppa`` or ``dppa_ties``) and, with ``activate``, make the table the active one."""
     method = merge_config.merge_method
-    if method not in ("dppa", "dppa_ties"):
+    if not getattr(methods().get(method), "dppa", False):
         raise ValueError(f"prepare_dppa is for merge_method dppa / dppa_ties, got {method!r}")
     if not merge_config.models or merge_config.slices or merge_config.modules:
         raise ValueError("dppa inside mergekit supports 'models:' configs only (slices and modules "
