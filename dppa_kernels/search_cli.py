@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import typer
@@ -76,15 +77,21 @@ def _plain_settings(cfg) -> dict:
     return out
 
 
+def check_method(cfg) -> None:
+    from .engine.config import is_dppa
+
+    if not is_dppa(cfg.merge_method):
+        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties (a DPPA method), "
+                             f"got {cfg.merge_method!r}")
+
+
 def build_dppa(cfg, *, device: str, backend: str):
     """(DPPA over the config's folders, the merge's keyword arguments) for a dppa config."""
     from .dppa import DPPA
-    from .engine.config import is_dppa
     from .engine.params import ParamResolver
     from .engine.plan import DTYPES
 
-    if not is_dppa(cfg.merge_method):
-        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties (a DPPA method), got {cfg.merge_method!r}")
+    check_method(cfg)
     levels = ParamResolver(cfg, 1).dp_levels()
     weights = []
     for m in cfg.models:
@@ -117,6 +124,23 @@ def eval_model(base_dir: str, device: str, progress: bool = True):
         transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="auto")
     return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class FolderSetup:
+    """Builds a config's DPPA and evaluation model on a worker of the Ray search (the folders must
+    be visible there under the same paths): ``() -> (DPPA, model, merge keywords)``."""
+
+    config: str
+    device: str
+    backend: str
+
+    def __call__(self) -> tuple:
+        from .engine.config import load_config
+
+        cfg, _ = load_config(self.config)
+        d, merge_kw = build_dppa(cfg, device=self.device, backend=self.backend)
+        return d, eval_model(cfg.base_model, self.device, progress=False), merge_kw
 
 
 def best_config(cfg_dict: dict, best: list) -> dict:
@@ -160,11 +184,14 @@ def plot_scores(result, path: str, label: str) -> Optional[str]:
 def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy", max_evals: int = 20,
                device: str = "cpu", backend: str = "auto", eval_data: Optional[str] = None,
                tokenizer: Optional[str] = None, eval_args: Optional[dict] = None, force: bool = False,
-               progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Search, merge the best with the engine into ``out``, write the report; returns the report."""
+               progress: bool = True, echo: Callable[[str], None] = print, executor: str = "local",
+               ray_address: Optional[str] = None, workers: Optional[int] = None,
+               gpus_per_worker: Optional[float] = None) -> dict:
+    """Search, merge the best with the engine into ``out``, write the report; returns the report.
+    ``executor="ray"``: the candidates are evaluated on Ray workers (see ``dppa.ray_search``),
+    each building the DPPA and the model from the config's folders itself."""
     import yaml
 
-    from .dppa import SearchError
     from .engine import MergeOptions, run_merge
     from .engine.config import load_config
 
@@ -180,25 +207,20 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
     if tokenizer is not None:
         kwargs["tokenizer"] = tokenizer
     cfg, yaml_text = load_config(config)
-    d, merge_kw = build_dppa(cfg, device=device, backend=backend)
-    t_stats = time.perf_counter() - t0
-    model = eval_model(cfg.base_model, device, progress)
     higher = getattr(evaluate, "higher_is_better", True)
-
-    def scored(m) -> float:
-        v = evaluate(m, **kwargs)
-        if progress:
-            echo(f"  candidate {len(result_rows) + 1}: score {v}")
-        result_rows.append(v)
-        return v
-    scored.higher_is_better = higher
-    result_rows: list = []
-    try:
-        result = d.search(scored, strategy=strategy, max_evals=max_evals, model=model, **merge_kw)
-    except SearchError as exc:
-        raise SearchCliError(str(exc)) from None
+    if executor == "ray":
+        check_method(cfg)
+        for key in ("data", "tokenizer"):  # the workers may run elsewhere: paths they can resolve
+            if key in kwargs and os.path.exists(str(kwargs[key])):
+                kwargs[key] = os.path.abspath(kwargs[key])
+        result, view = _ray_search(config, eval_ref, kwargs, strategy=strategy, max_evals=max_evals, device=device,
+                                   backend=backend, progress=progress, echo=echo, address=ray_address,
+                                   workers=workers, gpus_per_worker=gpus_per_worker)
+        t_stats = 0.0  # the statistics pass runs on the workers, inside the search
+    else:
+        result, view, t_stats = _local_search(cfg, evaluate, kwargs, strategy=strategy, max_evals=max_evals,
+                                              device=device, backend=backend, progress=progress, echo=echo, t0=t0)
     t_search = time.perf_counter() - t0 - t_stats
-    del model
     with tempfile.TemporaryDirectory(prefix="dppa-search-") as tmp:
         path = os.path.join(tmp, os.path.basename(config) or "config.yml")
         with open(path, "w", encoding="utf-8") as f:
@@ -210,9 +232,10 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
     plot_why = plot_scores(result, os.path.join(out, PLOT), f"{eval_ref} ({'higher' if higher else 'lower'} is better)")
     total = time.perf_counter() - t0
     report = {"config": os.path.abspath(config), "evaluator": eval_ref, "eval_kwargs": {k: str(v) for k, v in kwargs.items()},
-              "higher_is_better": bool(higher), "device": device, "backend": d.backend, "max_evals": max_evals,
-              **result.to_json(), "realised_density": dict(zip(d.labels, d.realised_density(result.best))),
-              "allocation": d.summary, "plot": None if plot_why else PLOT, "plot_skipped": plot_why,
+              "higher_is_better": bool(higher), "device": device, "backend": view["backend"], "max_evals": max_evals,
+              "executor": executor, **result.to_json(),
+              "realised_density": dict(zip(view["labels"], view["realised_density"])), "allocation": view["summary"],
+              "plot": None if plot_why else PLOT, "plot_skipped": plot_why,
               "timings": {"statistics_s": t_stats, "search_s": t_search, "eval_s": result.eval_seconds,
                           "outside_eval_share_of_search": 1 - result.eval_seconds / t_search if t_search else None,
                           "merge_s": t_merge, "total_s": total},
@@ -220,6 +243,57 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
     with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def _row_echo(progress: bool, echo: Callable[[str], None]) -> Optional[Callable[[dict], None]]:
+    n = [0]
+
+    def row(r: dict) -> None:
+        n[0] += 1
+        echo(f"  candidate {n[0]}: score {r['score']}")
+    return row if progress else None
+
+
+def _local_search(cfg, evaluate: Callable, kwargs: dict, *, strategy: str, max_evals: int, device: str,
+                  backend: str, progress: bool, echo: Callable, t0: float) -> tuple:
+    """(result, the DPPA's view for the report, statistics seconds): the search in this process."""
+    from .dppa import SearchError
+
+    d, merge_kw = build_dppa(cfg, device=device, backend=backend)
+    t_stats = time.perf_counter() - t0
+    model = eval_model(cfg.base_model, device, progress)
+    row = _row_echo(progress, echo)
+
+    def scored(m) -> float:
+        v = evaluate(m, **kwargs)
+        if row is not None:
+            row({"score": v})
+        return v
+    scored.higher_is_better = getattr(evaluate, "higher_is_better", True)
+    try:
+        result = d.search(scored, strategy=strategy, max_evals=max_evals, model=model, **merge_kw)
+    except SearchError as exc:
+        raise SearchCliError(str(exc)) from None
+    view = {"backend": d.backend, "labels": d.labels, "summary": d.summary,
+            "realised_density": d.realised_density(result.best)}
+    return result, view, t_stats
+
+
+def _ray_search(config: str, eval_ref: str, kwargs: dict, *, strategy: str, max_evals: int, device: str,
+                backend: str, progress: bool, echo: Callable, **ray_kw) -> tuple:
+    """(result, the workers' view of the DPPA): the search on Ray workers."""
+    from .dppa import SearchError
+    from .dppa.ray_search import search_on_ray
+
+    worker_device = "cuda" if device.startswith("cuda") else device  # the GPU Ray gives the worker
+    view: dict = {}
+    try:
+        result = search_on_ray(FolderSetup(os.path.abspath(config), worker_device, backend), eval_ref,
+                               eval_kwargs=kwargs, strategy=strategy, max_evals=max_evals, device=device,
+                               on_row=_row_echo(progress, echo), info=view, **ray_kw)
+    except SearchError as exc:
+        raise SearchCliError(str(exc)) from None
+    return result, view
 
 
 def search(
@@ -235,6 +309,13 @@ def search(
     eval_arg: list[str] = typer.Option([], "--eval-arg", help="extra evaluator argument KEY=VALUE (repeatable)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress output"),
+    executor: str = typer.Option("local", help="local (this process) or ray (candidates on Ray workers)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="with ray: auto or HOST:PORT (default: a local cluster)"),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="with ray: at most N workers (one evaluation each at a time)"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker",
+                                                    help="with ray and --device cuda: GPUs per worker (default 1)"),
 ) -> None:
     """Search DPPA's band factors on a validation split, then merge with the best into --out."""
     from .engine import MergeError
@@ -248,10 +329,15 @@ def search(
         fail(f"--strategy must be greedy or grid, got {strategy[:40]!r}", 2)
     if max_evals < 1:
         fail(f"--max-evals must be at least 1, got {max_evals}", 2)
+    if executor not in ("local", "ray"):
+        fail(f"--executor must be local or ray, got {executor[:40]!r}", 2)
+    if executor == "local" and (ray_address or workers or gpus_per_worker):
+        fail("--ray-address, --workers and --gpus-per-worker need --executor ray", 2)
     try:
         rep = run_search(config, eval_ref=eval_ref, out=out, strategy=strategy, max_evals=max_evals, device=device,
                          backend=backend, eval_data=eval_data, tokenizer=tokenizer,
-                         eval_args=parse_eval_args(eval_arg), force=force, progress=not no_progress, echo=typer.echo)
+                         eval_args=parse_eval_args(eval_arg), force=force, progress=not no_progress, echo=typer.echo,
+                         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     except (SearchCliError, MergeError, ValueError, TypeError) as exc:
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 (every failure of the command is one line)

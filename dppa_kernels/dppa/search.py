@@ -130,52 +130,25 @@ def _subset(points: list, n: int) -> list:
     return [points[i] for i in idx]
 
 
-class _Runner:
-    """Evaluates candidates: builds the state (apply pass), calls the evaluator, checks the score,
-    memoises and times, and stops at ``max_evals``."""
-
-    def __init__(self, result: SearchResult, max_evals: int):
-        self.result, self.max_evals, self.memo, self.count = result, max_evals, {}, 0
-
-    def budget(self) -> bool:
-        return self.count < self.max_evals
-
-    def run(self, key, build: Callable[[], Any], evaluate: Callable, direction: int, describe: str) -> float:
-        if key in self.memo:
-            return self.memo[key]
-        if not self.budget():
-            raise _Exhausted
-        t = time.perf_counter()
-        state = build()
-        t_apply = time.perf_counter() - t
-        t = time.perf_counter()
-        raw = _call(evaluate, state, describe, self.result)
-        t_eval = time.perf_counter() - t
-        self.count += 1
-        value = direction * raw
-        self.memo[key] = value
-        self.result.table.append({"alphas": list(key[1]), "task": key[0], "score": raw, "objective": value,
-                                  "apply_s": t_apply, "eval_s": t_eval})
-        return value
-
-
 class _Exhausted(Exception):
     pass
 
 
-def _call(evaluate: Callable, state: Any, describe: str, partial: SearchResult) -> float:
+def _call(evaluate: Callable, state: Any, what: str) -> float:
+    """The evaluator's value on ``state``, checked; a failure is a :class:`SearchError` naming
+    ``what`` (its ``partial`` is attached by the search that ran it)."""
     try:
         v = evaluate(state)
     except Exception as exc:  # noqa: BLE001 (any failure of the user's evaluator is reported the same way)
-        raise SearchError(f"evaluate failed on {describe}: {type(exc).__name__}: {str(exc)[:200]}",
-                          describe, partial) from exc
+        raise SearchError(f"evaluate failed on {what}: {type(exc).__name__}: {str(exc)[:200]}",
+                          what, None) from exc
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SearchError(f"evaluate returned {type(v).__name__} {str(v)[:60]!r} on {describe}; expected a "
-                          f"number", describe, partial)
+        raise SearchError(f"evaluate returned {type(v).__name__} {str(v)[:60]!r} on {what}; expected a "
+                          f"number", what, None)
     if not math.isfinite(v):
-        raise SearchError(f"evaluate returned {v} on {describe}; expected a finite number", describe, partial)
+        raise SearchError(f"evaluate returned {v} on {what}; expected a finite number", what, None)
     return float(v)
 
 
@@ -187,6 +160,211 @@ def _load(model, state: dict):
             if name in own:
                 own[name].copy_(t)
     return model
+
+
+def evaluators(evaluate: Union[Callable, Sequence[Callable]]) -> list:
+    evals = list(evaluate) if isinstance(evaluate, (list, tuple)) else [evaluate]
+    if not evals or not all(callable(e) for e in evals):
+        raise TypeError("evaluate must be a callable or a list of callables (one per fine-tuned model)")
+    return evals
+
+
+def check_args(strategy: str, max_evals: int, n_evals: int, levels: Sequence, per_task: bool) -> None:
+    """The search's arguments against the models' density levels (one tuple per model)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {str(strategy)[:40]!r}")
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+        raise ValueError(f"max_evals must be a positive integer, got {str(max_evals)[:40]!r}")
+    m = len(levels)
+    if n_evals > 1 and n_evals != m:
+        raise ValueError(f"evaluate has {n_evals} callables, expected 1 or one per model ({m})")
+    if per_task and n_evals != m:
+        raise ValueError(f"per_task needs one evaluator per fine-tuned model ({m}), got {n_evals}")
+    if len({len(lv) for lv in levels}) != 1 and not per_task:
+        raise ValueError("a shared search needs the same number of density levels for every model")
+
+
+def directions(evals: Sequence[Callable], higher_is_better: Optional[bool]) -> list:
+    """+1 / −1 per evaluator: the argument when given, else each evaluator's attribute."""
+    if higher_is_better is not None:
+        return [1 if higher_is_better else -1] * len(evals)
+    return [score_direction(e) for e in evals]
+
+
+def direction_of(task: Optional[int], dirs: Sequence[int], multi: bool) -> int:
+    """The sign that turns a candidate's score into the value maximised (+1 for the objective of a
+    shared search over several tasks, which is higher-is-better)."""
+    return dirs[task] if task is not None else 1 if multi else dirs[0]
+
+
+def describe(key: tuple, labels: Sequence[str]) -> str:
+    """How errors name the candidate ``(task, alphas)``."""
+    task, a = key
+    return f"model {labels[task]} alphas {a}" if task is not None else f"alphas {list(a)}"
+
+
+class Scorer:
+    """Scores candidates in this process: builds a candidate (the apply pass, merged into the
+    model's tensors when there is a model) and calls the evaluator on it, checking its value.
+
+    A candidate is ``(task, alphas)``: ``task`` the model index of a per-task search, else None.
+    The sequential search runs one Scorer; the Ray search one per worker (same code, same values).
+    With several evaluators and a shared search, :attr:`dense` must hold the dense models' scores
+    (:meth:`dense_score`) before any candidate is scored.
+    """
+
+    def __init__(self, d, evals: Sequence[Callable], dirs: Sequence[int], *, per_task: bool = False,
+                 model: Any = None, objective: Optional[Callable[[list], float]] = None, combine: str = "sum",
+                 weights: Optional[Sequence[float]] = None, lam: float = 1.0,
+                 out_dtype: Optional[torch.dtype] = None):
+        self.d, self.evals, self.dirs, self.per_task = d, list(evals), list(dirs), per_task
+        self.model = model if model is not None else getattr(d, "module", None)
+        self.into = self.model.state_dict() if self.model is not None else None  # the model's own tensors
+        d._static_into = None  # nothing in ``into`` is known to hold this search's α-free tensors yet
+        self.objective, self.merge_kw = objective, dict(combine=combine, weights=weights, lam=lam)
+        self.out_dtype = out_dtype
+        self.multi = not per_task and len(self.evals) > 1
+        self.dense: Optional[list] = None
+
+    def _wrap(self, sd: dict):
+        return _load(self.model, sd) if self.model is not None else sd
+
+    def _merged(self, alphas, **kw):
+        """The candidate: merged straight into the model's tensors when there is a model."""
+        out = self.d.merge(alphas, out_dtype=self.out_dtype, into=self.into, **kw)
+        return self.model if self.model is not None else out
+
+    def direction(self, task: Optional[int]) -> int:
+        return direction_of(task, self.dirs, self.multi)
+
+    def prefetch(self, keys: Sequence[tuple]) -> None:
+        pass  # candidates are scored when asked for, one at a time
+
+    def dense_score(self, i: int) -> tuple[float, float]:
+        """(task i's score of the dense fine-tuned model i, seconds)."""
+        d, t = self.d, time.perf_counter()
+        state = {n: (b + d.deltas[i][n].to(b.dtype)) if n in d.deltas[i] else b for n, b in d.base.items()}
+        raw = _call(self.evals[i], self._wrap(state), f"the dense model {d.labels[i]}")
+        d._static_into = None  # the dense model overwrote every tensor of the evaluation model
+        return raw, time.perf_counter() - t
+
+    def score(self, key: tuple) -> tuple[float, float, float]:
+        """(the candidate's score as returned, apply seconds, evaluation seconds)."""
+        task, a = key
+        t = time.perf_counter()
+        if task is not None:
+            state = self._merged([a], models=[task])
+            ev = self.evals[task]
+        else:
+            state = self._merged(a, **self.merge_kw)
+            ev = self._combined if self.multi else self.evals[0]
+        t_apply = time.perf_counter() - t
+        t = time.perf_counter()
+        raw = _call(ev, state, describe(key, self.d.labels))
+        return raw, t_apply, time.perf_counter() - t
+
+    def _combined(self, state) -> float:
+        """The shared-α objective over several tasks (default: the geometric mean of the
+        normalised scores)."""
+        return float((self.objective or self._geo_mean)([ev(state) for ev in self.evals]))
+
+    def _geo_mean(self, scores: list) -> float:
+        ratios = []
+        for s, ref, sign in zip(scores, self.dense, self.dirs):
+            if s <= 0 or ref <= 0:
+                raise ValueError(f"the default objective needs positive scores (got {s} against the dense "
+                                 f"model's {ref}); pass objective=")
+            ratios.append(s / ref if sign > 0 else ref / s)
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+class _Runner:
+    """The driver's side of one search (or one task's): memoises, stops at ``max_evals`` and
+    records each candidate's row in evaluation order. ``scorer``: a :class:`Scorer`, or any object
+    with its ``score``, ``direction`` and ``prefetch`` (which announces candidates that will be
+    asked for in this order, so that a parallel scorer can start them all)."""
+
+    def __init__(self, max_evals: int, scorer: Scorer, on_row: Optional[Callable[[dict], None]] = None):
+        self.max_evals, self.scorer, self.on_row = max_evals, scorer, on_row
+        self.memo, self.count, self.rows = {}, 0, []
+
+    def budget(self) -> bool:
+        return self.count < self.max_evals
+
+    def prefetch(self, keys: Sequence[tuple]) -> None:
+        self.scorer.prefetch(keys)
+
+    def run(self, key: tuple) -> float:
+        if key in self.memo:
+            return self.memo[key]
+        if not self.budget():
+            raise _Exhausted
+        raw, t_apply, t_eval = self.scorer.score(key)
+        self.count += 1
+        value = self.scorer.direction(key[0]) * raw
+        self.memo[key] = value
+        self.rows.append({"alphas": list(key[1]), "task": key[0], "score": raw, "objective": value,
+                          "apply_s": t_apply, "eval_s": t_eval})
+        if self.on_row is not None:
+            self.on_row(self.rows[-1])
+        return value
+
+
+def in_order(fn: Callable[[int], tuple], n: int) -> list:
+    """``fn(i)`` for i = 0, 1, ... until the first failure (a sequential per-task search)."""
+    out = []
+    for i in range(n):
+        out.append(fn(i))
+        if not out[-1][0]:
+            break
+    return out
+
+
+def gather_dense(result: SearchResult, m: int, score: Callable[[int], tuple]) -> list:
+    """The dense models' scores (``score(i) -> (score, seconds)``, in model order) into
+    ``result``; returns them. A failure's ``partial`` is ``result``."""
+    try:
+        dense = [score(i) for i in range(m)]
+    except SearchError as exc:
+        exc.partial = result
+        raise
+    result.dense, result.dense_eval_s = [s for s, _ in dense], [t for _, t in dense]
+    return result.dense
+
+
+def drive(result: SearchResult, strategy: str, max_evals: int, levels: Sequence, per_task: bool,
+          make_runner: Callable[[], _Runner], each: Callable = in_order) -> SearchResult:
+    """The strategy over the candidates: per task (``each(fn, m)`` runs the task searches; their
+    rows go into the table task by task) or shared. Fills ``result``; a :class:`SearchError`
+    gets ``result`` (the table up to the failed candidate) as its ``partial``."""
+    if per_task:
+        runners = [make_runner() for _ in levels]
+
+        def one(i: int) -> tuple:
+            try:
+                return True, _strategy(strategy, runners[i], len(levels[i]), max_evals, result, task=i)
+            except SearchError as exc:
+                return False, exc
+        best = []
+        for i, (ok, value) in enumerate(each(one, len(levels))):
+            result.table.extend(runners[i].rows)
+            if not ok:
+                value.partial = result
+                raise value
+            best.append(list(value))
+        result.best, result.best_score = best, None
+        return result
+    runner = make_runner()
+    try:
+        best = _strategy(strategy, runner, len(levels[0]), max_evals, result, task=None)
+    except SearchError as exc:
+        exc.partial = result
+        raise
+    finally:
+        result.table.extend(runner.rows)
+    result.best = [list(best)] * len(levels)
+    result.best_score = runner.memo[(None, best)] * runner.scorer.direction(None)  # the score's own sign
+    return result
 
 
 def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = "greedy", max_evals: int = 20,
@@ -202,73 +380,28 @@ def search(d, evaluate: Union[Callable, Sequence[Callable]], *, strategy: str = 
     ``higher_is_better``: overrides each evaluator's ``higher_is_better`` attribute.
     ``combine`` / ``weights`` / ``lam`` / ``out_dtype``: the merge the candidates are evaluated in.
     Raises :class:`SearchError` (with ``.partial``) when the evaluator fails on a candidate.
+    The same search on the workers of a Ray cluster: :func:`.ray_search.search_on_ray`.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {str(strategy)[:40]!r}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals must be a positive integer, got {str(max_evals)[:40]!r}")
-    evals = list(evaluate) if isinstance(evaluate, (list, tuple)) else [evaluate]
-    if not evals or not all(callable(e) for e in evals):
-        raise TypeError("evaluate must be a callable or a list of callables (one per fine-tuned model)")
-    if len(evals) > 1 and len(evals) != d.m:
-        raise ValueError(f"evaluate has {len(evals)} callables, expected 1 or one per model ({d.m})")
-    if per_task and len(evals) != d.m:
-        raise ValueError(f"per_task needs one evaluator per fine-tuned model ({d.m}), got {len(evals)}")
-    if len({len(lv) for lv in d.levels}) != 1 and not per_task:
-        raise ValueError("a shared search needs the same number of density levels for every model")
-    dirs = [(1 if higher_is_better else -1) if higher_is_better is not None else score_direction(e) for e in evals]
-    model = model if model is not None else getattr(d, "module", None)
-    wrap = (lambda sd: _load(model, sd)) if model is not None else (lambda sd: sd)
-    into = model.state_dict() if model is not None else None  # the model's own tensors
-    d._static_into = None  # nothing in ``into`` is known to hold this search's α-free tensors yet
-
-    def merged(alphas, **kw):
-        """The candidate: merged straight into the model's tensors when there is a model."""
-        out = d.merge(alphas, out_dtype=out_dtype, into=into, **kw)
-        return model if model is not None else out
+    evals = evaluators(evaluate)
+    check_args(strategy, max_evals, len(evals), d.levels, per_task)
+    scorer = Scorer(d, evals, directions(evals, higher_is_better), per_task=per_task, model=model,
+                    objective=objective, combine=combine, weights=weights, lam=lam, out_dtype=out_dtype)
     t0 = time.perf_counter()
     result = SearchResult(strategy, per_task=per_task)
-    runner = _Runner(result, max_evals)
     try:
-        if per_task:
-            best = []
-            for i in range(d.m):
-                runner.count = 0
-                k = len(d.levels[i])
-
-                def build(a, i=i):
-                    return merged([a], models=[i])
-
-                def score(a, i=i):
-                    return runner.run((i, a), lambda: build(a), evals[i], dirs[i], f"model {d.labels[i]} alphas {a}")
-                best.append(_strategy(strategy, score, k, runner, max_evals, result, task=i))
-            result.best = [list(b) for b in best]
-            result.best_score = None
-        else:
-            k = len(d.levels[0])
-            if len(evals) == 1:
-                ev, direction = evals[0], dirs[0]
-            else:
-                ev, direction = _multi_objective(d, evals, dirs, wrap, objective, result), 1
-
-            def score(a):
-                return runner.run((None, a), lambda: merged(a, combine=combine, weights=weights, lam=lam),
-                                  ev, direction, f"alphas {list(a)}")
-            best = _strategy(strategy, score, k, runner, max_evals, result, task=None)
-            result.best = [list(best)] * d.m
-            result.best_score = runner.memo[(None, best)] * direction  # back to the score's own sign
+        if scorer.multi:
+            scorer.dense = gather_dense(result, d.m, scorer.dense_score)
+        return drive(result, strategy, max_evals, d.levels, per_task, lambda: _Runner(max_evals, scorer))
     finally:
         result.seconds = time.perf_counter() - t0
-    return result
 
 
-def _strategy(strategy: str, score: Callable, k: int, runner: _Runner, max_evals: int, result: SearchResult,
-              task) -> tuple:
+def _strategy(strategy: str, runner: _Runner, k: int, max_evals: int, result: SearchResult, task) -> tuple:
     tried = []
 
     def tracked(a):
         tried.append(a)
-        return score(a)
+        return runner.run((task, a))
     try:
         if strategy == "greedy":
             greedy(tracked, k, runner.budget)
@@ -276,37 +409,10 @@ def _strategy(strategy: str, score: Callable, k: int, runner: _Runner, max_evals
             pts = grid_points(k)
             chosen = _subset(pts, max_evals)
             result.complete = result.complete and len(chosen) == len(pts)
+            runner.prefetch([(task, p) for p in chosen])  # independent: a parallel runner starts them all
             for p in chosen:
                 tracked(p)
     except _Exhausted:
         pass
     done = [a for a in tried if (task, a) in runner.memo]
     return max(done, key=lambda a: runner.memo[(task, a)])
-
-
-def _multi_objective(d, evals: list, dirs: list, wrap: Callable, objective, result: SearchResult) -> Callable:
-    """The shared-α objective over several tasks; scores each dense fine-tuned model first."""
-    dense, dense_t = [], []
-    for i, ev in enumerate(evals):
-        t = time.perf_counter()
-        state = {n: (b + d.deltas[i][n].to(b.dtype)) if n in d.deltas[i] else b for n, b in d.base.items()}
-        dense.append(_call(ev, wrap(state), f"the dense model {d.labels[i]}", result))
-        dense_t.append(time.perf_counter() - t)
-    result.dense, result.dense_eval_s = dense, dense_t
-    d._static_into = None  # the dense models overwrote every tensor of the evaluation model
-
-    def geo_mean(scores: list) -> float:
-        ratios = []
-        for s, ref, sign in zip(scores, dense, dirs):
-            if s <= 0 or ref <= 0:
-                raise ValueError(f"the default objective needs positive scores (got {s} against the dense "
-                                 f"model's {ref}); pass objective=")
-            ratios.append(s / ref if sign > 0 else ref / s)
-        return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-
-    obj = objective or geo_mean
-
-    def combined(state) -> float:
-        return float(obj([ev(state) for ev in evals]))
-    combined.higher_is_better = True
-    return combined

@@ -37,6 +37,26 @@ def import_ray():
     return ray
 
 
+def connect(address: Optional[str], num_cpus: Optional[int] = None) -> Optional[float]:
+    """Join the cluster at ``address`` (``"auto"``, ``"HOST:PORT"``, ``"ray://HOST:PORT"``), or
+    with None start a local one with ``num_cpus`` CPUs (default: all), unless this process is
+    already connected; returns the seconds it took (None when already connected)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return None
+    t = time.perf_counter()
+    kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if address is None:  # "local": a new cluster even where `ray start` runs one
+            ray.init(address="local", num_cpus=num_cpus, **kw)
+        else:
+            ray.init(address=address, **kw)
+    except Exception as exc:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, ValueError...)
+        where = f"the Ray cluster at {brief(address)}" if address else "a local Ray cluster"
+        raise MergeError(f"cannot start or join {where}: {clip(exc)}") from None
+    return time.perf_counter() - t
+
+
 class RayExecutor(Executor):
     """Shards (and DPPA's statistics) as Ray tasks.
 
@@ -76,20 +96,9 @@ class RayExecutor(Executor):
 
     def connect(self) -> None:
         """Join (or start) the cluster once per process."""
-        ray = self.ray
-        if ray.is_initialized():
-            return
-        t = time.perf_counter()
-        kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-        try:
-            if self.address is None:  # "local": a new cluster even where `ray start` runs one
-                ray.init(address="local", num_cpus=self.workers, **kw)
-            else:
-                ray.init(address=self.address, **kw)
-        except Exception as exc:  # noqa: BLE001 (Ray raises ConnectionError, RuntimeError, ValueError...)
-            where = f"the Ray cluster at {brief(self.address)}" if self.address else "a local Ray cluster"
-            raise MergeError(f"cannot start or join {where}: {clip(exc)}") from None
-        self.startup_s = time.perf_counter() - t
+        t = connect(self.address, self.workers)
+        if t is not None:
+            self.startup_s = t
 
     def _resources(self, job: MergeJob) -> dict:
         gpu = job.device.startswith("cuda")
