@@ -197,7 +197,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["dppa_kernels", "dppa_kernels.*"]) + ["dppa_kernels.kernels"],
     package_dir={"dppa_kernels.kernels": "kernels"},
-    package_data={"dppa_kernels": ["_build_info.json", "configs/*.yaml"]},
+    package_data={"dppa_kernels": ["_build_info.json", "configs/*.yaml", "integrations/fusion_bench_config/method/*.yaml"]},
     ext_modules=EXTENSIONS,
     cmdclass=CMDCLASS,
     install_requires=[
