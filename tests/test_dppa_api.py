@@ -239,3 +239,27 @@ def test_merge_into_a_state_dict_in_place():
     d.merge("plain", into=into, models=[1])  # other settings: every tensor written again
     want = d.merge("plain", models=[1])
     assert all(torch.equal(into[k], want[k]) for k in want)
+
+
+def test_search_in_the_base_module_leaves_the_base_unchanged():
+    """from_hf keeps the base module for the search; writing candidates into it must not change the
+    base that later merges start from (its state dict shares memory with that module)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96)
+    torch.manual_seed(0)
+    base, fts = transformers.LlamaForCausalLM(cfg), []
+    for _ in range(2):
+        m = transformers.LlamaForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1e-2 * torch.randn_like(p))
+        fts.append(m)
+    want = DPPA.from_models({k: v.clone() for k, v in base.state_dict().items()},
+                            [m.state_dict() for m in fts]).merge((1.0, 1.0))
+    d = DPPA.from_hf(base, fts)
+    scores = iter([1.0, 1.2, 1.1, 1.3])
+    d.search(lambda model: next(scores), max_evals=3)
+    got = d.merge((1.0, 1.0))
+    assert all(torch.equal(got[k], want[k]) for k in want)

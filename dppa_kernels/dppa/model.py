@@ -122,6 +122,14 @@ class DPPA:
 
     # -- construction -------------------------------------------------------------------------
 
+    def _unalias(self, into: Mapping[str, torch.Tensor]) -> None:
+        """Copy the base tensors that share memory with ``into`` (a module built from the same
+        weights): writing a candidate there must never change the base later merges start from."""
+        for name, b in self.base.items():
+            t = into.get(name)
+            if t is not None and t.numel() and b.numel() and t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+                self.base[name] = b.clone()
+
     @classmethod
     def from_models(cls, base: Mapping[str, torch.Tensor], fts: Sequence[Mapping[str, torch.Tensor]],
                     **kwargs: Any) -> "DPPA":
@@ -291,6 +299,8 @@ class DPPA:
         out = {}
         static_key = (tuple(sel), tuple(w), spec, out_dtype)
         fixed = into is not None and getattr(self, "_static_into", None) == (id(into), static_key)
+        if into is not None:
+            self._unalias(into)
         with torch.no_grad():
             for name, b in self.base.items():
                 if fixed and (name not in self.units and self.nonunit_mode in ("dense", "base")
