@@ -263,3 +263,15 @@ def test_search_in_the_base_module_leaves_the_base_unchanged():
     d.search(lambda model: next(scores), max_evals=3)
     got = d.merge((1.0, 1.0))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(densities=[]), "densities of model 0"), (dict(densities=[0.3, 0.1]), "non-decreasing"),
+    (dict(densities=[0.1] * 9), "1 to 8"), (dict(offset_lambda="x"), "offset_lambda"),
+    (dict(outlier_mult_unit=-2), "outlier_mult_unit"), (dict(density_clamp=[0]), "density_clamp"),
+    (dict(density_clamp=[0.5, 0.2]), "density_clamp"), (dict(renormalize="yes"), "renormalize"),
+])
+def test_bad_settings_name_the_argument(kw, match):
+    base, fts = _family()
+    with pytest.raises(ValueError, match=match):
+        DPPA.from_models(base, fts, **kw)

@@ -32,6 +32,17 @@ class DPSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compat", check_compat(self.compat))
+        for name in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {str(v)[:40]!r}")
+        c = self.density_clamp
+        if (not isinstance(c, (tuple, list)) or len(c) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in c)
+                or not 0.0 <= c[0] <= c[1] <= 1.0):
+            raise ValueError(f"density_clamp must be [lo, hi] with 0 <= lo <= hi <= 1, got {str(c)[:40]!r}")
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(f"renormalize must be true or false, got {str(self.renormalize)[:40]!r}")
 
     @classmethod
     def from_params(cls, params: Mapping) -> "DPSettings":

@@ -39,6 +39,7 @@ WORK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 COMBINES = ("sum", "mean", "ties")
 
 Alphas = Union[None, str, Sequence[float], Sequence[Sequence[float]]]
+from ..vocab import MAX_BANDS
 
 
 def _per_model(value, m: int, what: str) -> list:
@@ -48,6 +49,16 @@ def _per_model(value, m: int, what: str) -> list:
             raise ValueError(f"{what} has {len(value)} per-model entries, expected {m}")
         return list(value)
     return [value] * m
+
+
+def _check_levels(levels, i: int) -> tuple:
+    """One model's density levels: 1..MAX_BANDS numbers in [0, 1], non-decreasing."""
+    ok = isinstance(levels, (list, tuple)) and 1 <= len(levels) <= MAX_BANDS and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in levels)
+    if not ok or list(levels) != sorted(levels):
+        raise ValueError(f"densities of model {i} must be 1 to {MAX_BANDS} non-decreasing numbers in [0, 1], "
+                         f"got {str(levels)[:60]!r}")
+    return tuple(float(x) for x in levels)
 
 
 class DPPA:
@@ -94,13 +105,14 @@ class DPPA:
         if tie_mode not in ("gt", "ge", "exact_k"):
             raise ValueError(f"tie_mode must be gt, ge or exact_k, got {str(tie_mode)[:40]!r}")
         factors_of((1.0,), band_combine)  # validates band_combine
-        self.settings = DPSettings(offset_lambda, outlier_mult_layer, outlier_mult_unit, tuple(density_clamp),
-                                   compat, bool(renormalize))
+        self.settings = DPSettings(offset_lambda, outlier_mult_layer, outlier_mult_unit,
+                                   tuple(density_clamp) if isinstance(density_clamp, (list, tuple)) else density_clamp,
+                                   compat, renormalize)
         self.official = self.settings.compat == "official"
         self.tie_mode, self.count_rule, self.band_combine = tie_mode, count_rule, band_combine
         self.nonunit_mode = nonunit_mode
         self.sdtype = S.stats_dtype_of(stats_dtype)
-        self.levels = [tuple(float(x) for x in lv) for lv in _per_model(list(densities), self.m, "densities")]
+        self.levels = [_check_levels(lv, i) for i, lv in enumerate(_per_model(list(densities), self.m, "densities"))]
         self.base = dict(base)
         self.device = next(iter(self.base.values())).device
         self.backend = resolve(backend, self.device)
