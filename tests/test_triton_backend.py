@@ -165,6 +165,16 @@ def test_bands_codes_exact(dtype):
         assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), (tie_mode, partition)
 
 
+def test_bands_of_a_large_tensor_select_per_level(monkeypatch):
+    # the Triton histogram serialises on hot bins: large bf16 tensors plan one select per level
+    x = realistic_delta((257, 300), torch.bfloat16, sigma=2e-3)  # above plans._HIST_LEVELS_MIN
+    monkeypatch.setattr(TritonBackend, "histogram", lambda *a, **k: pytest.fail("histogram used"))
+    for tie_mode in ("exact_k", "gt"):
+        kw = dict(densities=(0.1, 0.4), alphas=(2.0, 1.0), band_combine="direct", tie_mode=tie_mode)
+        got = dk.prune(_dev(x), "bands", backend="triton", **kw).cpu()
+        assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), tie_mode
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dare_mask_bit_identical(dtype):
     x = realistic_delta((3, 50, 123), dtype, sigma=2e-3)

@@ -131,3 +131,7 @@ class Backend:
         raise NotImplementedError
 
     della_mask = None
+
+    # Whether several levels of one 16-bit-keyed tensor are best planned from one histogram
+    # (``plans``): true where the histogram costs about one read (CPU, CUDA shared memory).
+    levels_from_histogram = True
