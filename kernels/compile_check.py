@@ -38,6 +38,10 @@ def _cases():
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
            dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16), {"num_warps": 4}, LOADS_THEN_BARRIER)
+    for xt in ("*fp32", "*bf16"):
+        yield (S._collect_kernel, {"X_ptr": xt, "n": "i64", "chunk": "i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32",
+                                   "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "CAND_ptr": "*i32", "CNT_ptr": "*i64",
+                                   "cap": "i64"}, dict(KEY_MODE=1, BLOCK=2048, NBINS=S.NB), {"num_warps": 4})
     for xt, mode in (("*fp16", 0), ("*fp32", 2)):
         yield H._hist15_kernel, {"X_ptr": xt, "n": "i64", "H_ptr": "*i64"}, dict(KEY_MODE=mode, BLOCK=1024)
     # apply: TIES of 3 magnitude-pruned bf16 deltas (one ranked per-row level), DPPA bands, DARE+mask
