@@ -25,6 +25,7 @@ def _cases():
     """(kernel, signature, constexprs[, options[, ptx check]]) of every compiled specialisation."""
     from . import apply as A
     from . import della as DL
+    from . import della_long as DLL
     from . import histogram as H
     from . import select as S
 
@@ -75,6 +76,13 @@ def _cases():
         yield (DL._della_sort_kernel, dict(dsig, X_ptr=xt),
                dict(ones, KEY_MODE=mode, KEY_BITS=nbits, WIDE=nbits + log_block > 30, LOG_ROWS=log_rows,
                     LOG_BLOCK=log_block), dict(num_warps=warps, enable_fp_fusion=False), FP64_NO_FMA)
+    for xt in ("*bf16", "*fp16"):
+        lsig = {"X_ptr": xt, "row0": "i64", "cols": "i64", "seg": "i64", "n_seg": "i32"}
+        yield (DLL._della_long_count_kernel, dict(lsig, H_ptr="*i32"), dict(KEY_MODE=0, LOG_BLOCK=11),
+               {"num_warps": 8})
+    yield (DLL._della_long_rank_kernel, dict(lsig, R_ptr="*i32", OUT_ptr="*u8", lo_bits="i64", span_bits="i64",
+                                             k1="i64", k2="i64"), dict(KEY_MODE=0, LOG_BLOCK=11),
+           dict(num_warps=8, enable_fp_fusion=False), FP64_NO_FMA)
     yield (DL._della_ranked_kernel, {"ORDER_ptr": "*i64", "OUT_ptr": "*u8", "base": "i64", "n": "i64", "cols": "i32",
                                      "lo_bits": "i64", "span_bits": "i64", "k1": "i64", "k2": "i64"},
            dict(BLOCK=DL.RANKED_BLOCK), dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)

@@ -3,13 +3,14 @@
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (the CI configuration). Kernels launch on the current stream of the tensor's device under
 a device guard; the only synchronisations are the copies of results that must reach the host
-(select's τ/counts, the histogram, the L1 sums). No global mutable state.
+(select's τ/counts, the histogram, the L1 sums) and, for fp32 keys, whether select's collect pass
+finished. No global mutable state.
 
 Extra memory per call (no per-element temporaries): select O(P) int64 + a ≤ 64 K-key sample (fp32
 keys: + a candidate buffer of max(64 K, n/512) int32, all of x below 1 M elements);
 histogram 256 KB; apply O(P·K + N/BLOCK) int64 of plan metadata; the output. ``della_mask``: the
-bool mask only for rows sorted on-chip; about 32 B per element of a row batch for longer rows
-(``kernels.della``).
+bool mask only for rows sorted on-chip; for longer rows 2–4 B (bf16/fp16) or about 32 B (fp32) per
+element of a row batch (``kernels.della``).
 """
 
 from __future__ import annotations
