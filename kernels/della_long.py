@@ -67,14 +67,18 @@ def _sorted_tile(X_ptr, row_base, c, end, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.
 
 
 @triton.jit
-def _della_long_count_kernel(X_ptr, H_ptr, row0, cols, seg, n_seg, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
-    """H[r, s, b] = #{key b in columns [s·seg, (s+1)·seg) of row row0 + r}."""
+def _segment(V_ptr, row0, cols, seg, n_seg):
+    """Program (r, s): (flat index of row row0 + r, its segment's count vector, first and end column)."""
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    row_base = (row0 + r) * cols
-    H = H_ptr + (r * n_seg + s) * 32768
     c = s * seg
-    end = tl.minimum(c + seg, cols)
+    return (row0 + r) * cols, V_ptr + (r * n_seg + s) * 32768, c, tl.minimum(c + seg, cols)
+
+
+@triton.jit
+def _della_long_count_kernel(X_ptr, H_ptr, row0, cols, seg, n_seg, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """H[r, s, b] = #{key b in columns [s·seg, (s+1)·seg) of row row0 + r}."""
+    row_base, H, c, end = _segment(H_ptr, row0, cols, seg, n_seg)
     while c < end:
         skey, col, tie, last, real = _sorted_tile(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
         h = tl.load(H + skey, mask=last, other=0)
@@ -85,15 +89,10 @@ def _della_long_count_kernel(X_ptr, H_ptr, row0, cols, seg, n_seg, KEY_MODE: tl.
 
 @triton.jit(do_not_specialize=["lo_bits", "span_bits", "k1", "k2"])
 def _della_long_rank_kernel(X_ptr, R_ptr, OUT_ptr, row0, cols, seg, n_seg, lo_bits, span_bits, k1, k2,
-                      KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
+                            KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """Keep bit of every element of segment s of row row0 + r; R[r, s] holds the rank of the next
     element of each key (advanced tile by tile)."""
-    r = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
-    row_base = (row0 + r) * cols
-    R = R_ptr + (r * n_seg + s) * 32768
-    c = s * seg
-    end = tl.minimum(c + seg, cols)
+    row_base, R, c, end = _segment(R_ptr, row0, cols, seg, n_seg)
     while c < end:
         skey, col, tie, last, real = _sorted_tile(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
         base = tl.load(R + skey, mask=real, other=0)
