@@ -28,6 +28,8 @@ def _cases():
     from . import della_long as DLL
     from . import histogram as H
     from . import select as S
+    from . import select_many as SM
+    import triton.language as tl
 
     sel = {"X_ptr": None, "n": "i64", "part_len": "i64", "n_parts": "i32", "chunk": "i64", "LO_ptr": "*i64",
            "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "HIST_ptr": "*i64", "NF_ptr": "*i64"}
@@ -39,6 +41,10 @@ def _cases():
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
            dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16), {"num_warps": 4}, LOADS_THEN_BARRIER)
+    for dt, mode, nbits in ((tl.bfloat16, 0, 15), (tl.float32, 1, 31), (tl.float32, 2, 15)):
+        yield (SM._select_many_kernel, {"PTRS": "*i64", "NS": "*i64", "KS": "*i64", "OUT": "*i64", "T": "i32",
+                                        "nf_key": "i64"},
+               dict(X_DTYPE=dt, KEY_MODE=mode, NBITS=nbits, PASSES=SM.passes(nbits), BLOCK=1024), {"num_warps": 4})
     for xt in ("*fp32", "*bf16"):
         yield (S._collect_kernel, {"X_ptr": xt, "n": "i64", "chunk": "i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32",
                                    "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "CAND_ptr": "*i32", "CNT_ptr": "*i64",

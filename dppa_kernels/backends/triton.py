@@ -28,8 +28,9 @@ def _import_kernels():
     from ..kernels import della as kdella
     from ..kernels import histogram as khist
     from ..kernels import select as kselect
+    from ..kernels import select_many as kmany
 
-    return kselect, khist, kapply, kdella
+    return kselect, khist, kapply, kdella, kmany
 
 
 def _interpreting() -> bool:
@@ -73,6 +74,16 @@ class TritonBackend(Backend):
                 raise NonFiniteInput((0,))
             return res[:3]
         return res
+
+    def select_many(self, xs, ks, key_dtype, *, check_finite=False):
+        if not xs:
+            z = torch.zeros(0, dtype=torch.int64)
+            return z, z.clone(), z.clone()
+        with _guard(xs[0]):
+            res = self._mods[4].select_many(xs, ks, key_dtype)
+        if check_finite and bool(res[3].any()):
+            raise NonFiniteInput(res[3].nonzero().flatten().tolist())
+        return res[0], res[1], res[2]
 
     def histogram(self, x, stats_dtype):
         with _guard(x):
