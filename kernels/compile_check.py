@@ -50,7 +50,8 @@ def _cases():
                                    "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "CAND_ptr": "*i32", "CNT_ptr": "*i64",
                                    "cap": "i64"}, dict(KEY_MODE=1, BLOCK=2048, NBINS=S.NB), {"num_warps": 4})
     for xt, mode in (("*fp16", 0), ("*fp32", 2)):
-        yield H._hist15_kernel, {"X_ptr": xt, "n": "i64", "H_ptr": "*i64"}, dict(KEY_MODE=mode, BLOCK=1024)
+        yield (H._hist15_kernel, {"X_ptr": xt, "n": "i64", "chunk": "i64", "H_ptr": "*i64"},
+               dict(KEY_MODE=mode, LOG_BLOCK=H.LOG_BLOCK))
     # apply: TIES of 3 magnitude-pruned bf16 deltas (one ranked per-row level), DPPA bands, DARE+mask
     configs = [
         (("*bf16",) * 3, (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 0, 0), (1, 0, 0), 1, "*bf16", True),

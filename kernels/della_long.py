@@ -47,7 +47,7 @@ def _max(a, b):
 
 
 @triton.jit
-def _sorted_tile(X_ptr, row_base, c, end, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
+def sorted_tile_runs(X_ptr, row_base, c, end, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """The tile's keys sorted (equal keys by column): (key, column in the tile, position in the
     run of equal keys, last of its run, a real element). Padding sorts after the real elements."""
     BLOCK: tl.constexpr = 1 << LOG_BLOCK
@@ -80,7 +80,7 @@ def _della_long_count_kernel(X_ptr, H_ptr, row0, cols, seg, n_seg, KEY_MODE: tl.
     """H[r, s, b] = #{key b in columns [s·seg, (s+1)·seg) of row row0 + r}."""
     row_base, H, c, end = _segment(H_ptr, row0, cols, seg, n_seg)
     while c < end:
-        skey, col, tie, last, real = _sorted_tile(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
+        skey, col, tie, last, real = sorted_tile_runs(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
         h = tl.load(H + skey, mask=last, other=0)
         tl.store(H + skey, h + tie + 1, mask=last)
         tl.debug_barrier()  # the next tile's loads may run on other warps than these stores
@@ -94,7 +94,7 @@ def _della_long_rank_kernel(X_ptr, R_ptr, OUT_ptr, row0, cols, seg, n_seg, lo_bi
     element of each key (advanced tile by tile)."""
     row_base, R, c, end = _segment(R_ptr, row0, cols, seg, n_seg)
     while c < end:
-        skey, col, tie, last, real = _sorted_tile(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
+        skey, col, tie, last, real = sorted_tile_runs(X_ptr, row_base, c, end, KEY_MODE, LOG_BLOCK)
         base = tl.load(R + skey, mask=real, other=0)
         # every element of a run reads R[key] before the run's last element advances it
         tl.debug_barrier()

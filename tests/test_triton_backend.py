@@ -30,6 +30,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
 from dppa_kernels.kernels import apply as kapply  # noqa: E402
+from dppa_kernels.kernels import histogram as khist  # noqa: E402
 from dppa_kernels.kernels import select as kselect  # noqa: E402
 from dppa_kernels.kernels.common import hash_bits  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -165,6 +166,14 @@ def test_histogram_matches_reference(dtype, stats_dtype, shape):
     got = TritonBackend().histogram(_dev(x), stats_dtype)
     assert got.dtype == torch.int64 and got.device.type == "cpu"
     assert torch.equal(got, histogram_ref(x, stats_dtype))
+
+
+def test_histogram_runs_across_tiles_and_programs():
+    # few distinct keys: every tile adds long runs, one atomic each, from several programs
+    x = quantised_delta((5, 123, 123), torch.bfloat16, levels=5)
+    x[0] = realistic_delta((123, 123), torch.bfloat16, sigma=1e-3)
+    got = khist.histogram(_dev(x), torch.bfloat16, tiles_per_program=1)
+    assert torch.equal(got, histogram_ref(x, torch.bfloat16))
 
 
 # ---------------------------------------------------------------- apply: masks exact
