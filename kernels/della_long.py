@@ -42,11 +42,6 @@ SCRATCH_BYTES = 1 << 26  # count vectors of one batch of rows (their offsets tak
 
 
 @triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def sorted_tile_runs(X_ptr, row_base, c, end, KEY_MODE: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """The tile's keys sorted (equal keys by column): (key, column in the tile, position in the
     run of equal keys, last of its run, a real element). Padding sorts after the real elements."""
@@ -61,7 +56,11 @@ def sorted_tile_runs(X_ptr, row_base, c, end, KEY_MODE: tl.constexpr, LOG_BLOCK:
     real = j < nv
     prev = tl.gather(skey, tl.maximum(j - 1, 0), 0)
     nxt = tl.gather(skey, tl.minimum(j + 1, BLOCK - 1), 0)
-    start = tl.associative_scan(tl.where((j == 0) | (skey != prev), j, 0), 0, _max)
+    # start of each run: an inclusive max-scan of the run starts (log-step, by gathers: the
+    # interpreter runs a custom associative_scan one Python call per element)
+    start = tl.where((j == 0) | (skey != prev), j, 0)
+    for t in tl.static_range(LOG_BLOCK):
+        start = tl.maximum(start, tl.gather(start, tl.maximum(j - (1 << t), 0), 0))
     last = real & ((j + 1 == nv) | (skey != nxt))
     return skey, s & (BLOCK - 1), j - start, last, real
 
