@@ -221,6 +221,7 @@ setup(
         "eval": ["transformers>=4.45", "lm-eval>=0.4.13"],
         "quality": ["transformers>=4.45", "matplotlib"],
         "test": ["pytest", "hypothesis", "pybind11"],
+        "ray": ["ray>=2.40"],  # the ray executor: merges across the workers and nodes of a Ray cluster
     },
     entry_points={
         "console_scripts": [

@@ -48,8 +48,8 @@ from gpu_session_core import Session, Step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("build", "test", "bench")
-CUDA_TEST_FILES = ("tests/test_gpu_backends.py", "tests/test_triton_backend.py", "tests/test_triton_della.py",
-                   "tests/test_pat_kernel.py")
+CUDA_TEST_FILES = ("tests/test_gpu_backends.py", "tests/test_backend_parity.py", "tests/test_triton_backend.py",
+                   "tests/test_triton_della.py", "tests/test_pat_kernel.py")
 SOURCES = ("setup.py", "pyproject.toml", "csrc/**", "dppa_kernels/**/*.py", "kernels/**/*.py")
 RESULT_FILES = ("gpu.csv", "gpu.png", "e2e_gpu.csv", "pat_gpu_hsm.csv")
 # the 271M-parameter synthetic family of bench/bench_e2e.py (16 layers); the dry run uses 1 layer

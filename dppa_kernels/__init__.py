@@ -16,11 +16,13 @@ from .ops import (  # noqa: E402
     tensor_histogram,
 )
 from .spec import CombineSpec, SparsifySpec  # noqa: E402
+from . import dppa  # noqa: E402  (whole-model DPPA and the α search: dk.dppa.DPPA)
 
 __all__ = [
     "CombineSpec",
     "SparsifySpec",
     "dp_densities",
+    "dppa",
     "magnitude_threshold",
     "merge_deltas",
     "prune",

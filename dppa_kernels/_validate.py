@@ -8,9 +8,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .backends.base import NonFiniteInput, nonfinite_key
-from .spec import SPARSIFY_METHODS, CombineSpec, SparsifySpec
-from .vocab import (BAND_COMBINES, COMBINES, COUNT_RULES, DIVISORS, ELECTS, FAST_DTYPES, MAX_BANDS, PARTITIONS,
-                    RESCALES, TIE_MODES)
+from .methods.registry import get_sparsifier
+from .spec import CombineSpec, SparsifySpec
+from .vocab import (BAND_COMBINES, COMBINES, COUNT_RULES, DIVISORS, ELECTS, FAST_DTYPES, PARTITIONS, RESCALES,
+                    TIE_MODES)
 
 ALL_DTYPES = FAST_DTYPES + (torch.float64,)
 
@@ -80,7 +81,8 @@ def check_same(tensors: Sequence[torch.Tensor], argname: str, ref: Optional[torc
 
 
 def check_sparsify_spec(s: SparsifySpec, argname: str = "spec") -> None:
-    check_choice(s.method, SPARSIFY_METHODS, f"{argname}.method")
+    """The shared fields here, the method's own in its sparsifier (``dppa_kernels.methods``)."""
+    sp = get_sparsifier(s.method, f"{argname}.method")
     check_choice(s.tie_mode, TIE_MODES, f"{argname}.tie_mode")
     check_choice(s.partition, PARTITIONS, f"{argname}.partition")
     check_choice(s.count_rule, COUNT_RULES, f"{argname}.count_rule")
@@ -90,31 +92,22 @@ def check_sparsify_spec(s: SparsifySpec, argname: str = "spec") -> None:
         raise ValueError(f"{argname}.block_size must be a positive int for partition='block', got {s.block_size!r}")
     if s.key_dtype is not None and s.key_dtype not in FAST_DTYPES:
         raise TypeError(f"{argname}.key_dtype must be bfloat16, float16 or float32, got {s.key_dtype}")
-    if s.method != "bands":
+    if sp.uses_density:
         check_density(s.density, f"{argname}.density")
-    if s.method == "bands":
-        if not s.densities:
-            raise ValueError(f"{argname}.densities must list at least one density for method='bands'")
-        if len(s.densities) > MAX_BANDS:
-            raise ValueError(f"{argname}.densities has {len(s.densities)} bands; at most {MAX_BANDS} are supported "
-                             f"(got {tuple(s.densities)[:MAX_BANDS + 2]})")
-        for j, d in enumerate(s.densities):
-            check_density(d, f"{argname}.densities[{j}]")
-        if any(b < a for a, b in zip(s.densities, s.densities[1:])):
-            raise ValueError(f"{argname}.densities must be non-decreasing so the bands nest, got {tuple(s.densities)}")
-        if len(s.alphas) != len(s.densities):
-            raise ValueError(f"{argname}.alphas must have one factor per band ({len(s.densities)}), got {tuple(s.alphas)}")
-        if any(not (a >= 0) for a in s.alphas):
-            raise ValueError(f"{argname}.alphas must be >= 0, got {tuple(s.alphas)}")
-    if s.method == "breadcrumbs":
-        if not (0.0 <= s.gamma <= 1.0):
-            raise ValueError(f"{argname}.gamma must be in [0, 1], got {s.gamma}")
-        if s.tie_mode != "exact_k":
-            raise ValueError(f"{argname}.tie_mode must be 'exact_k' for breadcrumbs (rank window), got {s.tie_mode!r}")
-    if s.method == "della" and 0.0 < s.density < 1.0:
-        if not (s.density - s.epsilon > 0.0 and s.density + s.epsilon < 1.0):
-            raise ValueError(f"{argname}.epsilon must keep density ± epsilon inside (0, 1); got density "
-                             f"{s.density}, epsilon {s.epsilon}")
+    sp.check(s, argname)
+
+
+def check_specs(specs: Sequence[SparsifySpec], argname: str = "specs") -> None:
+    """Each spec, and that a sparsifier which looks at every delta at once (consensus) is every
+    delta's, with the settings it needs to agree on."""
+    for i, s in enumerate(specs):
+        check_sparsify_spec(s, f"{argname}[{i}]")
+    joint = [get_sparsifier(s.method) for s in specs if get_sparsifier(s.method).joint]
+    if joint:
+        if len(joint) != len(specs) or any(s.method != specs[0].method for s in specs):
+            raise ValueError(f"{argname}: method {joint[0].name!r} merges every delta together; got methods "
+                             f"{[s.method for s in specs]}")
+        joint[0].check_joint(specs, argname)
 
 
 def check_combine_spec(c: CombineSpec) -> None:

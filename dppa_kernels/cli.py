@@ -1,4 +1,4 @@
-"""The ``dppa`` command line: ``dppa merge CONFIG --out DIR``, ``dppa info``, ``dppa demo``."""
+"""The ``dppa`` command line: ``dppa merge CONFIG --out DIR``, ``dppa search``, ``dppa info``, ``dppa demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from . import search_cli
 from ._exit import exit_now, unexpected
 from .pat.cli import app as pat_app
 
@@ -68,6 +69,11 @@ def merge(
     truncate_vocab: bool = typer.Option(False, "--truncate-vocab",
                                         help="cut fine-tuned embedding/lm_head rows to the base's vocabulary"),
     resident: str = typer.Option("auto", help="DPPA: keep deltas on the device between phases (auto/on/off)"),
+    executor: str = typer.Option("local", help="local (one process), serial, or ray (one task per output shard)"),
+    ray_address: Optional[str] = typer.Option(None, help="ray: the cluster to join (auto or HOST:PORT; "
+                                              "default: start a local one)"),
+    workers: Optional[int] = typer.Option(None, help="ray: at most N shard tasks at a time"),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="ray with --device cuda: GPUs per task (default 1)"),
 ) -> None:
     """Merge the models of CONFIG (mergekit YAML) into --out as sharded safetensors."""
     from .engine import MergeError, MergeOptions, run_merge
@@ -81,7 +87,8 @@ def merge(
         _fail(f"--out-shard-size: {exc.message}", 2)
     opts = MergeOptions(out=out, device=device, backend=backend, out_dtype=dtype, shard_size=shard_size,
                         resume=resume, force=force, seed=seed, progress=not no_progress, allow_pickle=allow_pickle,
-                        allow_crimes=allow_crimes, truncate_vocab=truncate_vocab, resident=resident)
+                        allow_crimes=allow_crimes, truncate_vocab=truncate_vocab, resident=resident, executor=executor,
+                        ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     try:
         report = run_merge(config, opts)
     except MergeError as exc:
@@ -120,6 +127,9 @@ def demo(
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001
         _fail(unexpected(exc))
+
+
+app.command("search")(search_cli.search)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ tensor anyway reports non-finite keys, and the fused apply pass checks the input
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -21,11 +23,16 @@ from . import _validate as V
 from . import reference as R
 from .backends.base import NonFiniteInput
 from .backends.registry import get_backend, resolve
-from .methods import preset
-from .plans import _partition_lengths, keep_counts, make_plan  # noqa: F401  (part of this module's API)
+from .methods import get_sparsifier, methods, preset, sparsifiers
+from .plans import _partition_lengths, keep_counts, make_plan, make_plans  # noqa: F401  (part of this module's API)
 from .spec import CombineSpec, SparsifySpec
 
-PRUNE_METHODS = ("magnitude", "dare", "della", "breadcrumbs", "bands")
+
+def prune_methods() -> tuple:
+    """The sparsifiers :func:`prune` offers (those that need one delta only)."""
+    return tuple(n for n, sp in sparsifiers().items() if sp.prune)
+
+
 def _prepare(tensors: Sequence[torch.Tensor], names: Sequence[str], check_finite: bool, backend: str):
     """The backend name; float64 only on the reference, which checks NaN/Inf here (the fast backends
     check inside their passes)."""
@@ -84,8 +91,8 @@ def magnitude_threshold(
 def sparsify_spec(method: str, *, density: Optional[float] = None, tie_mode: Optional[str] = None,
                   **params: Any) -> SparsifySpec:
     """SparsifySpec for :func:`prune`'s ``method`` and keyword parameters (validated)."""
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    if method not in prune_methods():
+        raise ValueError(f"method must be one of {prune_methods()}, got {method!r}")
     fields = set(SparsifySpec.__dataclass_fields__) - {"method", "density", "tie_mode"}
     unknown = set(params) - fields
     if unknown:
@@ -99,9 +106,10 @@ def sparsify_spec(method: str, *, density: Optional[float] = None, tie_mode: Opt
         params["alphas"] = tuple(params.get("alphas", (1.0,) * len(params["densities"])))
         tie_mode = tie_mode or "gt"
         density = 1.0
-    elif density is None:
+    elif density is None and get_sparsifier(method).uses_density:
         raise ValueError(f"density is required for prune(method={method!r})")
-    spec = SparsifySpec(method, density=V.check_density(density), tie_mode=tie_mode or "exact_k", **params)
+    spec = SparsifySpec(method, density=V.check_density(1.0 if density is None else density),
+                        tie_mode=tie_mode or "exact_k", **params)
     V.check_sparsify_spec(spec, "arguments")
     return spec
 
@@ -144,8 +152,7 @@ def _apply_one(be_name, deltas, base, specs, weights, combine, seed, name, out_d
         return torch.empty(deltas[0].shape, dtype=out_dtype, device=deltas[0].device)
     be = get_backend(be_name)
     deltas = [d.contiguous() for d in deltas]
-    plans = [make_plan(be, d, s, seed=seed, name=name, stream=i, check_as=names[i] if names else None)
-             for i, (d, s) in enumerate(zip(deltas, specs))]
+    plans = make_plans(be, deltas, specs, weights, seed=seed, name=name, check_as=names)
     if plans_out is not None:
         plans_out.extend(plans)
     base = None if base is None else base.contiguous()
@@ -186,8 +193,16 @@ def merge_deltas(
     lists allowed) plus ours (``densities``, ``alphas``, ``tie_mode``, ``count_rule``, ...). Or pass
     explicit ``specs`` (one SparsifySpec per delta) and ``combine``. Model i's random stream is i.
     ``plans_out``, a list, receives each delta's ApplyPlan (thresholds, the DELLA mask drawn, ...)
-    so that callers can report on them without redoing the work; it stays empty on the reference.
+    so that callers can report on them without redoing the work; on the reference it receives
+    only the plans of a method that merges every delta together (their masks).
+
+    ``dppa`` / ``dppa_ties`` here see one tensor, so they apply **uniform** bands: every delta is
+    cut at ``densities`` (default (0.1, 0.2)) × ``alphas`` (default (1, 1)) with no dynamic
+    allocation, which needs whole-model statistics. For the whole-model method use
+    :class:`dppa_kernels.dppa.DPPA` (or ``dppa merge``); a warning says so once per process.
     """
+    if specs is None and getattr(methods().get(method), "dppa", False):
+        _warn_uniform_bands()
     if not isinstance(deltas, (list, tuple)) or not deltas:
         raise ValueError("deltas must be a non-empty list of tensors")
     for i, d in enumerate(deltas):
@@ -213,16 +228,21 @@ def merge_deltas(
         combine = combine or CombineSpec()
     if len(w) != len(deltas):
         raise ValueError(f"weights has {len(w)} values, expected {len(deltas)}")
-    for i, s in enumerate(specs):
-        V.check_sparsify_spec(s, f"specs[{i}]")
+    V.check_specs(specs)
     V.check_combine_spec(combine)
     names = [f"deltas[{i}]" for i in range(len(deltas))] + ["base"]
     be_name = _prepare(list(deltas) + ([base] if base is not None else []), names, check_finite, backend)
     out_dtype = out_dtype or (base.dtype if base is not None else deltas[0].dtype)
     if be_name == "reference":
-        return R.merge_ref(deltas, base, specs, w, combine, seed=seed, name=name, out_dtype=out_dtype)
+        return _merge_ref(deltas, base, specs, w, combine, seed, name, out_dtype, plans_out)
     return _apply_one(be_name, deltas, base, specs, w, combine, seed, name, out_dtype, plans_out,
                       names=names if check_finite else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_uniform_bands() -> None:
+    warnings.warn("merge_deltas(method='dppa'/'dppa_ties') applies uniform bands to each tensor (no dynamic "
+                  "allocation across the model); use dppa_kernels.dppa.DPPA for whole-model DPPA", stacklevel=3)
 
 
 def merge_prepared(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], specs: Sequence[SparsifySpec],
@@ -248,9 +268,17 @@ def merge_planned(deltas: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
     naming the input, as merge_deltas'; the reference backend does not check). ``plans_out`` as
     in merge_deltas."""
     if backend == "reference":
-        return R.merge_ref(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype)
+        return _merge_ref(deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out)
     return _apply_one(backend, list(deltas), base, specs, weights, combine, seed, name, out_dtype, plans_out,
                       names=check_as)
+
+
+def _merge_ref(deltas, base, specs, weights, combine, seed, name, out_dtype, plans_out):
+    """The reference merge; ``plans_out`` receives the plans of a method that merges every delta
+    together (their mask is what it kept); other methods' reference hands out none."""
+    if plans_out is not None and get_sparsifier(specs[0].method).joint:
+        plans_out.extend(make_plans(None, deltas, specs, weights, seed=seed, name=name))
+    return R.merge_ref(deltas, base, specs, weights, combine, seed=seed, name=name, out_dtype=out_dtype)
 
 
 def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat16, check_finite: bool = True,
@@ -287,7 +315,7 @@ def dp_densities(
     compat: Optional[str] = None,
     backend: str = "auto",
 ) -> R.DPAllocation:
-    """DPPA Dynamic Pruning allocation (DPPA.md §2) for one fine-tuned model.
+    """DPPA Dynamic Pruning allocation (docs/methods.md) for one fine-tuned model.
 
     ``stats`` maps tensor names to either deltas (their histograms are taken with ``backend``) or
     precomputed 32768-bin histograms (1-D int tensors of length 32768). Units and their layers come

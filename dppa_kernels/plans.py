@@ -12,8 +12,8 @@ import torch
 from . import _validate as V
 from . import reference as R
 from .backends.base import ApplyPlan
-from .reference import rng
-from .reference.sparsify import L1_EPS, band_factors, breadcrumbs_window
+from .methods.registry import get_sparsifier
+from .reference.sparsify import L1_EPS
 from .spec import SparsifySpec
 from .vocab import partition_geometry
 
@@ -48,7 +48,7 @@ def keep_counts(lengths: torch.Tensor, density: float, count_rule: str) -> torch
     return torch.where(lengths > 0, k.to(torch.int64), torch.zeros_like(lengths))
 
 
-def _keep(x: torch.Tensor, spec: SparsifySpec, density: float) -> torch.Tensor:
+def keep_of(x: torch.Tensor, spec: SparsifySpec, density: float) -> torch.Tensor:
     """Keep count per partition of x under ``spec`` at ``density`` (1 keeps everything)."""
     if spec.partition == "tensor":  # one partition: no tensor arithmetic for a single count
         return torch.tensor([R.keep_count(x.numel(), density, spec.count_rule)], dtype=torch.int64)
@@ -61,7 +61,7 @@ def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor], check_
     kd = spec.key_dtype or x.dtype
     if (len(ks) > 1 and spec.partition == "tensor" and kd in (torch.bfloat16, torch.float16)
             and x.numel() >= _HIST_LEVELS_MIN and getattr(be, "levels_from_histogram", True)):
-        hist = V.histogram_checked(be, x, kd, check_as)  # one pass gives every level (DPPA.md §5)
+        hist = V.histogram_checked(be, x, kd, check_as)  # one pass gives every level
         rows = [R.threshold_from_hist(hist, int(k[0]), kd) for k in ks]
         t = torch.tensor(rows, dtype=torch.int64)  # [K, 3]
         return t[:, 0].unsqueeze(0), t[:, 1].unsqueeze(0), t[:, 2].unsqueeze(0)
@@ -81,7 +81,7 @@ def _columns(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(vectors), dim=1)
 
 
-def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode, check_as=None) -> ApplyPlan:
+def threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode, check_as=None) -> ApplyPlan:
     tau, above, eq = _select_levels(be, x, spec, ks, check_as)
     if tau.shape[0] == 1:  # one partition: its budgets in Python, no tensor arithmetic
         budget = torch.tensor([[max(int(k) - a, 0) for k, a in zip(ks, above[0].tolist())]], dtype=torch.int64)
@@ -94,53 +94,27 @@ def _threshold_plan(be, x, spec: SparsifySpec, ks, factors, tie_mode, check_as=N
 
 def make_plan(be, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
               check_as: Optional[str] = None) -> ApplyPlan:
-    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived).
+    """The ApplyPlan of one delta under ``spec`` (thresholds selected, random keys derived), by
+    the spec's sparsifier (``dppa_kernels.methods``), with the rescale set.
 
     ``check_as``: the name of ``delta`` in a NaN/Inf error; a threshold select then checks it
     (``plan.finite_checked``), and the apply pass is left to check the others.
     """
-    m = spec.method
-    if m == "none":
-        plan = ApplyPlan("dense")
-    elif m == "magnitude":
-        if spec.density >= 1.0 and not spec.density1_prunes_min:
-            plan = ApplyPlan("dense")
-        else:
-            plan = _threshold_plan(be, delta, spec, [_keep(delta, spec, spec.density)], (1.0,), spec.tie_mode,
-                                   check_as)
-    elif m == "bands":
-        ks = [_keep(delta, spec, d) for d in spec.densities]
-        plan = _threshold_plan(be, delta, spec, ks, band_factors(spec.alphas, spec.band_combine), spec.tie_mode,
-                               check_as)
-    elif m == "breadcrumbs":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            n_top, target = breadcrumbs_window(delta.numel(), spec.density, spec.gamma)
-            s = spec if (spec.partition, spec.count_rule) == ("tensor", "floor") else \
-                spec.with_(partition="tensor", count_rule="floor")
-            ks = [torch.tensor([n_top]), torch.tensor([n_top + target])]
-            plan = _threshold_plan(be, delta, s, ks, (0.0, 1.0), "exact_k", check_as)
-    elif m == "dare":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            k1, k2 = rng.stream_keys(seed, name, stream)
-            plan = ApplyPlan("dare", k1=k1, k2=k2, thr32=rng.threshold32(spec.density))
-    elif m == "della":
-        if spec.density >= 1.0:
-            plan = ApplyPlan("dense")
-        else:
-            k1, k2 = rng.stream_keys(seed, name, stream)
-            if getattr(be, "della_mask", None) is not None and spec.density > 0:
-                mask = be.della_mask(delta, spec.density, spec.epsilon, k1, k2)
-            else:
-                mask = R.sparsify_factor(delta, spec, seed=seed, name=name, stream=stream) > 0
-            plan = ApplyPlan("mask", mask=mask)
-    else:
-        raise ValueError(f"unknown sparsification method {m!r}")
+    sp = get_sparsifier(spec.method, "spec.method")
+    plan = sp.plan(be, delta, spec, seed=seed, name=name, stream=stream, check_as=check_as)
     plan.scale = _rescale(be, delta, spec, plan)
     return plan
+
+
+def make_plans(be, deltas: Sequence[torch.Tensor], specs: Sequence[SparsifySpec], weights: Sequence[float], *,
+               seed: int, name: str, check_as: Optional[Sequence[str]] = None) -> list:
+    """The plans of M deltas: one each (model i's random stream is i), or all at once for a
+    sparsifier that looks at every delta (``Sparsifier.joint``)."""
+    sp = get_sparsifier(specs[0].method, "specs[0].method")
+    if sp.joint:
+        return sp.joint_plans(be, deltas, specs, weights)
+    return [make_plan(be, d, s, seed=seed, name=name, stream=i, check_as=check_as[i] if check_as else None)
+            for i, (d, s) in enumerate(zip(deltas, specs))]
 
 
 def _rescale(be, delta, spec: SparsifySpec, plan: ApplyPlan) -> float:

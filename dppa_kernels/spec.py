@@ -11,16 +11,15 @@ import torch
 
 from .vocab import COMBINES, DIVISORS, ELECTS  # noqa: F401  (re-exported: the combine vocabulary)
 
-SPARSIFY_METHODS = ("none", "magnitude", "bands", "dare", "della", "breadcrumbs")
-
 
 @dataclass(frozen=True)
 class SparsifySpec:
     """How one delta is sparsified. Fields not used by ``method`` are ignored.
 
-    method: ``none`` (dense), ``magnitude`` (top-k by |Δ|), ``bands`` (DPPA partition
-    amplification, K nested magnitude bands), ``dare`` (random drop), ``della`` (MagPrune),
-    ``breadcrumbs`` (drop the gamma largest and the smallest).
+    method: a registered sparsifier (``dppa_kernels.methods``): ``none`` (dense), ``magnitude``
+    (top-k by |Δ|), ``bands`` (DPPA partition amplification, K nested magnitude bands), ``dare``
+    (random drop), ``della`` (MagPrune), ``breadcrumbs`` (drop the gamma largest and the smallest),
+    ``consensus`` (TALL-mask consensus), ...
     rescale: ``none``, ``inv_density`` (÷ density: DARE paper, PEFT) or ``l1`` (mergekit: × Σ|Δ| /
     Σ|kept Δ|).
     """
@@ -39,6 +38,10 @@ class SparsifySpec:
     epsilon: float = 0.15
     rescale: str = "none"
     density1_prunes_min: bool = False
+    options: tuple = ()  # ((name, value), ...): parameters of sparsifiers without a field above
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
 
     def with_(self, **kw) -> "SparsifySpec":
         return replace(self, **kw)

@@ -25,7 +25,7 @@ Ranks (only for levels where some partition keeps part of its ties) come from a 
 per chunk of BLOCK elements the number of ties, and per partition the ties in its first chunk
 before its start; an exclusive scan over chunks turns these into the ties before every chunk and
 every partition start, so the apply pass ranks a tie as (ties before its chunk) + (ties before it
-in the chunk, ``tl.cumsum``) − (ties before its partition). Same rule as PERF.md §5.
+in the chunk, ``tl.cumsum``) − (ties before its partition). Same rule as docs/methods.md (tie rules).
 
 Memory: the output only; per call O(P·K + N/BLOCK) int64 of plan metadata (τ, budgets, chunk tie
 prefixes: 8/BLOCK bytes per element per ranked level), no per-element temporary.

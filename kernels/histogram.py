@@ -3,7 +3,7 @@
 hist[b] = #{e : key(x[e] rounded to stats_dtype) == b}, b in [0, 32768) (``reference.dppa.histogram_ref``).
 
 Triton 3.6 has no shared-memory atomics and lowers a 32768-bin ``tl.histogram`` to a ballot loop
-that costs hundreds of instructions per element (PERF.md §4). One global ``atomic_add`` per
+that costs hundreds of instructions per element. One global ``atomic_add`` per
 element serialises in L2 on realistic deltas, whose keys crowd into a few hundred hot bins
 (measured on an H200: about 5·10⁹ elements/s whatever the size). So each tile of 2^LOG_BLOCK
 elements is first sorted in registers (``della_long.sorted_tile_runs``): equal keys become runs,

@@ -3,7 +3,7 @@
 Algorithm: a window radix select driven entirely on the device (no host round trip until the
 result is read back). Every partition p carries a window [lo, lo + 64·2^shift): one *count pass*
 reads the partition, counts keys above the window and histograms the keys inside it into 64 bins
-of width 2^shift (``tl.histogram``, 64 bins: affordable in Triton 3.6, PERF.md §4); one tiny
+of width 2^shift (``tl.histogram``, 64 bins: affordable in Triton 3.6); one tiny
 *update* kernel finds the bin holding the k-th largest key and narrows the window to it
 (shift -= 6). Counts are absolute (recomputed from x each pass), so a window that misses the k-th
 key is simply moved above or below and the search continues. When shift reaches 0 the bin is a
@@ -11,7 +11,7 @@ single key: τ = that key, c_above = #key > τ, c_eq = #key == τ (exact, tie-fr
 
 Passes: ceil(bits/6) from the full range (bf16/fp16: 3, fp32: 6). For one large partition
 (``partition="tensor"``) a strided sample of the keys is sorted first and the window starts at the
-sample bracket ranks k·n_s/N ± (6σ + 8) (sample-bracket-then-count, PERF.md §4): bf16 usually
+sample bracket ranks k·n_s/N ± (6σ + 8) (sample-bracket-then-count): bf16 usually
 resolves in one count pass; a missed bracket costs at most the full-range passes. The number of
 launches is fixed; finished partitions skip their loads.
 

@@ -1,4 +1,4 @@
-"""Test inputs with realistic ties (PERF.md §5): never smooth Gaussians only, never zeros."""
+"""Test inputs with realistic ties (docs/methods.md, tie rules): never smooth Gaussians only, never zeros."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from dppa_kernels.engine import shards as shards_mod
 from dppa_kernels.engine.synth import write_model
 from dppa_kernels import merge_deltas
-from test_engine_util import cli, deltas_of, family, leftovers, load_dir, tree_state, write_config
+from engine_util import cli, deltas_of, family, leftovers, load_dir, tree_state, write_config
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import pytest
 
 from dppa_kernels.engine import outdir, run as run_mod
 from dppa_kernels.engine.errors import LINE_LIMIT, brief
-from test_engine_util import cli, cli_subprocess, family, leftovers, load_dir, write_config
+from engine_util import cli, cli_subprocess, family, leftovers, load_dir, write_config
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ import pytest
 import typer
 
 from dppa_kernels.cli import parse_size
-from test_engine_util import cli, cli_subprocess
+from engine_util import cli, cli_subprocess
 
 
 def test_info_matches_info_text():
@@ -42,7 +42,7 @@ def test_parse_size_rejects(text):
 
 
 def test_bad_device_and_backend(tmp_path):
-    from test_engine_util import family, write_config
+    from engine_util import family, write_config
 
     base, fts = family(tmp_path / "f")
     cfg = write_config(tmp_path / "c.yaml", "ties", base, fts)

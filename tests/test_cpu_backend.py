@@ -100,28 +100,6 @@ def block_for(shape):
 
 
 # --------------------------------------------------------------------------------- select
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_select_matches_reference(shape, dtype, partition):
-    bs = block_for(shape) if partition == "block" else None
-    n = math.prod(shape)
-    alt_kd = torch.bfloat16 if dtype != torch.bfloat16 else torch.float32
-    cases = [("s1e-4", None), ("s1e-4", alt_kd), ("quant", None)]
-    if n <= 5000:  # the reference loops over partitions in Python: more cases for small shapes only
-        cases += [("s2e-3", None), ("s2e-3", alt_kd), ("quant", alt_kd)]
-    for kind, kd in cases:
-        x = make_delta(shape, dtype, kind)
-        for d in (0.0, 1.0 / n, 0.2, 0.5, 1.0):
-            k = keep_counts(shape, n, partition, bs, d)
-            ref = R.magnitude_threshold_ref(x, d, partition=partition, block_size=bs, key_dtype=kd)
-            got = CPU.select(x, k, partition, bs, kd)
-            alt = TORCH.select(x, k, partition, bs, kd)
-            for name, g, a in zip(("tau_key", "c_above", "c_eq"), got, alt):
-                assert torch.equal(g, ref[name]), (kind, _id(kd), d, name, g[:8], ref[name][:8])
-                assert torch.equal(g, a), (kind, _id(kd), d, name)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("shape,partition", [((1_100_000,), "tensor"), ((2, 70_001), "row")], ids=str)
 def test_select_long_partitions_all_threads(dtype, shape, partition):
@@ -164,40 +142,7 @@ def test_key_dtype_rounding_matches_torch():
 
 
 # --------------------------------------------------------------------------------- histogram
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", [(1,), (4097,), (5, 123, 123), (700_001,)], ids=_id)
-def test_histogram_matches_reference(dtype, shape):
-    x = make_delta(shape, dtype, "s2e-3")
-    for sd in (torch.bfloat16, torch.float16):
-        assert torch.equal(CPU.histogram(x, sd), R.histogram_ref(x, sd))
-    assert torch.equal(CPU.histogram(x, torch.bfloat16), TORCH.histogram(x, torch.bfloat16))
-
-
 # --------------------------------------------------------------------------------- masks
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_magnitude_masks_match_reference(shape, dtype, tie_mode, partition):
-    bs = block_for(shape) if partition == "block" else None
-    n = math.prod(shape)
-    kd = torch.bfloat16 if dtype == torch.float32 else None
-    kinds = ("s1e-4", "quant") if n <= 5000 else (("quant",) if tie_mode == "exact_k" else ("s1e-4",))
-    for kind in kinds:
-        x = make_delta(shape, dtype, kind)
-        for d in (0.0, 1.0 / n, 0.2, 0.5, 1.0):
-            plan = threshold_plan(CPU, x, [d], tie_mode, partition, bs, kd, (1.0,), d1_all=True)
-            got = factor_of(CPU, x, plan) != 0
-            ref = R.magnitude_mask_ref(x, d, tie_mode=tie_mode, partition=partition, block_size=bs,
-                                       key_dtype=kd, density1_prunes_min=d >= 1.0)
-            assert torch.equal(got, ref), (kind, d, int((got != ref).sum()))
-            assert torch.equal(got, factor_of(TORCH, x, plan) != 0)
-            if tie_mode == "exact_k":  # exactly k kept in every partition
-                length = part_len(shape, n, partition, bs)
-                kept = torch.tensor([int(got.reshape(-1)[s:s + length].sum()) for s in range(0, n, length)])
-                assert torch.equal(kept, keep_counts(shape, n, partition, bs, d)), (kind, d)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
 @pytest.mark.parametrize("shape,partition", [((5, 123, 123), "tensor"), ((9, 7, 41), "row"), ((4097,), "block")],
@@ -379,7 +324,7 @@ _MERGE_CASES: dict = {}
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("M,shape,with_base", [(3, (9, 7, 41), True), (4, (4097,), False), (16, (5, 123, 123), True)],
                          ids=str)
-def test_merge_matches_reference(combine, out_dtype, M, shape, with_base):
+def test_apply_combine_rules_match_reference(combine, out_dtype, M, shape, with_base):
     key = (M, shape, with_base)
     if key not in _MERGE_CASES:  # inputs, plans and reference values shared by the combine cases
         dtype = [torch.bfloat16, torch.float16, torch.float32][M % 3]

@@ -12,7 +12,7 @@ import torch
 from dppa_kernels import dp_densities, merge_deltas
 from dppa_kernels.backends.registry import availability
 from dppa_kernels.reference.naming import group_units
-from test_engine_util import cli, deltas_of, dir_digest, family, load_dir, tree_state, write_config
+from engine_util import cli, deltas_of, dir_digest, family, load_dir, tree_state, write_config
 
 W = [1.0, 0.5, 0.75]
 CASES = {
@@ -168,7 +168,7 @@ def test_dppa_resident_equals_streamed_and_nonunit_modes(fam, tmp_path):
     b, ds = deltas_of(base_sd, ft_sds, emb)
     res = {}
     for mode in ("base", "official", "prune"):
-        cfg = write_config(tmp_path / f"{mode}.yaml", "dppa", base, fts, params={"nonunit_mode": mode})
+        cfg = write_config(tmp_path / f"{mode}.yaml", "dppa", base, fts, params={"nonunit_mode": mode, "alphas": [1.8, 0.0]})
         out = tmp_path / f"nu-{mode}"
         assert cli("merge", cfg, "--out", out, "--no-progress").exit_code == 0
         res[mode] = load_dir(out)[emb]
@@ -180,11 +180,12 @@ def test_dppa_resident_equals_streamed_and_nonunit_modes(fam, tmp_path):
 
 
 def test_demo_runs_from_module(tmp_path):
-    from test_engine_util import cli_subprocess
+    from engine_util import cli_subprocess
 
     r = cli_subprocess("demo", timeout=180)
     assert r.returncode == 0, r.stderr
     lines = [ln.split() for ln in r.stdout.splitlines()]
     rows = {ln[0]: ln for ln in lines if ln and ln[0] in ("dppa", "ties", "dare_ties")}
     assert set(rows) == {"dppa", "ties", "dare_ties"}
-    assert abs(float(rows["ties"][1]) - 0.2) < 1e-3 and 0.05 < float(rows["dppa"][1]) < 0.15
+    assert abs(float(rows["ties"][1]) - 0.2) < 1e-3
+    assert abs(float(rows["dppa"][1]) - 0.2) < 0.01 * 0.2  # default alphas: the outer level, within 1 %

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_engine_util import ROOT, family, write_config
+from engine_util import ROOT, family, write_config
 
 SNIPPET = """
 import resource, sys
@@ -24,7 +24,7 @@ def _peak(cfg, out, backend):
 
 def test_peak_rss_flat_when_model_doubles(tmp_path):
     """ties: pure streaming. dppa: the same plus its whole-model statistics, one 32768-bin
-    histogram per (model, unit) (DPPA.md §5), which scale with the unit count, not with bytes."""
+    histogram per (model, unit), which scale with the unit count, not with bytes."""
     shape = dict(hidden=512, inter=1024, vocab=512, shard_bytes=16_000_000)
     peaks = {}
     fams = {layers: family(tmp_path / f"f{layers}", layers=layers, **shape) for layers in (4, 8)}

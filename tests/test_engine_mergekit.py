@@ -17,7 +17,7 @@ import torch
 
 from dppa_kernels.reference.sparsify import breadcrumbs_window
 from dppa_kernels.reference.threshold import keep_count
-from test_engine_util import cli, family, load_dir, write_config
+from engine_util import cli, family, load_dir, write_config
 
 MERGEKIT = shutil.which("mergekit-yaml") or "/work/venv/bin/mergekit-yaml"
 pytestmark = pytest.mark.skipif(not os.path.exists(MERGEKIT), reason="mergekit-yaml is not installed")

@@ -14,7 +14,7 @@ import pytest
 
 from dppa_kernels.engine.outdir import tmp_path as partial_dir
 from dppa_kernels.engine.shards import Journal
-from test_engine_util import ROOT, cli, cli_subprocess, dir_digest, family, leftovers, tree_state, write_config
+from engine_util import ROOT, cli, cli_subprocess, dir_digest, family, leftovers, tree_state, write_config
 
 
 @pytest.mark.parametrize("method", ["dppa", "dare_ties"])

@@ -9,12 +9,16 @@ import pytest
 import torch
 import yaml
 
-from test_integration_common import DEVICES, config, load, run, run_cli, write_family
+from integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels import dp_densities, merge_deltas
+from dppa_kernels.dppa import default_alphas
 from dppa_kernels.integrations import mergekit as dk
 from dppa_kernels.integrations.mergekit_dppa import DPPATable
+from dppa_kernels.methods import methods
 from dppa_kernels.reference.naming import group_units
+
+DPPA_METHODS = [n for n, m in methods().items() if m.dppa]
 
 PARAMS = [{"weight": 1.0, "densities": [0.1, 0.2], "alphas": [1.8, 1.0]},
           {"weight": 0.7, "densities": [0.15, 0.3], "alphas": [2.0, 0.5]}]
@@ -59,7 +63,7 @@ def _expected(dirs, method, params, glob):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_dppa_in_mergekit_equals_public_ops(fam, tmp_path, method, device):
     got = run(config(method, fam, PARAMS, GLOBAL), tmp_path / "out", ours=True, cuda=device == "cuda")
     want, layers = _expected(fam, method, PARAMS, GLOBAL)
@@ -95,7 +99,7 @@ def test_dppa_without_prepass_is_a_clear_error(fam, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
 
-    from test_integration_common import options
+    from integration_common import options
 
     dk.install()
     mc = MergeConfiguration.model_validate(config("dppa", fam, PARAMS, GLOBAL))
@@ -140,7 +144,7 @@ def test_unit_missing_from_table_is_an_error():
     ("dppa", {"nonunit_mode": "official"}), ("dppa", {"nonunit_mode": "base"}),
 ])
 def test_dppa_parity_with_dppa_merge_cli(fam, tmp_path, method, extra):
-    params = [PARAMS[0], {"weight": 0.5, "sparsity": 0.75}]  # one level: default alphas (1.8,)
+    params = [PARAMS[0], {"weight": 0.5, "sparsity": 0.75}]  # one level: default alphas (1.0,)
     cfg = config(method, fam, params, {**GLOBAL, **extra})
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -164,7 +168,7 @@ def _state_dicts(n: int = 3, seed: int = 0, requires_grad: bool = False):
     return [one() for _ in range(n)], names
 
 
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_merge_state_dicts_strided_weights_without_mutation(method):
     """mergekit's rule for every registered method (test_state_dict_methods_accept_strided_weights
     _without_mutation): strided inputs merge like contiguous ones, finite, inputs untouched."""
@@ -186,7 +190,7 @@ def test_merge_state_dicts_strided_weights_without_mutation(method):
         assert torch.equal(t, c)
 
 
-@pytest.mark.parametrize("method", ["dppa", "dppa_ties"])
+@pytest.mark.parametrize("method", DPPA_METHODS)
 def test_merge_state_dicts_takes_dp_statistics_from_the_tensors_at_hand(method):
     """Without a pre-pass, the in-memory call allocates DP densities between the unit tensors it
     was given (what dp_densities computes from the same deltas) and merges with them."""
@@ -205,7 +209,7 @@ def test_merge_state_dicts_takes_dp_statistics_from_the_tensors_at_hand(method):
     for k in names:
         want = merge_deltas([sds[i][k] - sds[0][k] for i in (1, 2)], sds[0][k], method=method,
                             weight=[1.0, 0.5], densities=[tuple(allocs[i].densities[k]) for i in (1, 2)],
-                            alphas=[(1.8,), (1.8,)])
+                            alphas=[default_alphas(1)] * 2)
         assert torch.equal(out[k], want), k
     norm = "model.norm.weight"
     want = merge_deltas([sds[i][norm] - sds[0][norm] for i in (1, 2)], sds[0][norm],
@@ -230,5 +234,5 @@ def test_dppa_keeps_autograd_through_in_memory_inputs():
     torch.testing.assert_close(out[k].detach(), plain[k], rtol=0, atol=1e-6)
     out[k].sum().backward()
     g = sds[2][k].grad
-    assert set(torch.unique(g).tolist()) == {0.0, float(torch.tensor(0.5 * 1.8))}
+    assert set(torch.unique(g).tolist()) == {0.0, 0.5 * default_alphas(1)[0]}
     assert 0.2 < float((g != 0).float().mean()) < 0.4  # density 0.3 ± DP's offsets

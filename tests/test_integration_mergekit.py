@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from test_integration_common import DEVICES, config, load, run, run_cli, write_family
+from integration_common import DEVICES, config, load, run, run_cli, write_family
 
 from dppa_kernels.integrations import mergekit as dk
 
@@ -242,9 +242,9 @@ def test_install_uninstall_restore_mergekit_exactly():
 def test_overridden_methods_keep_mergekit_specs():
     from mergekit import merge_methods as mm
 
-    orig = {name: mm.get(name).spec for name in dk.GTA_NAMES}
+    orig = {name: mm.get(name).spec for name in dk.gta_names()}
     with dk.installed():
-        for name in dk.GTA_NAMES:
+        for name in dk.gta_names():
             assert mm.get(name).spec == orig[name], name
 
 
@@ -286,7 +286,7 @@ def _module_merge_grads(method: str):
     return {k: v.detach() for k, v in out.items()}, [p.grad.clone() for m in models for p in m.parameters()]
 
 
-@pytest.mark.parametrize("method", dk.GTA_NAMES)
+@pytest.mark.parametrize("method", dk.gta_names())
 def test_gta_methods_keep_autograd_through_module_inputs(method):
     """Grad on and inputs requiring grad: mergekit's own code runs (same values, same gradients);
     under no_grad our kernels run and nothing requires grad."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_integration_common import CUDA, ROOT, config, load, write_family
+from integration_common import CUDA, ROOT, config, load, write_family
 
 from dppa_kernels.integrations import mergekit_cli as cli_mod
 from dppa_kernels.engine import MergeError

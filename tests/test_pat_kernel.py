@@ -162,6 +162,29 @@ def test_forced_triton_unavailable_raises_and_auto_falls_back(monkeypatch):
         hsm(y, l0, l1, s, m)
 
 
+@pytest.mark.parametrize("env,want", [("torch", "torch"), ("reference", "torch"), ("auto", None), ("", None)])
+def test_backend_env_means_what_it_means_for_every_op(monkeypatch, env, want):
+    """DPPA_KERNELS_BACKEND is read by the one registry: the same names, the same meaning."""
+    from dppa_kernels.backends.registry import resolve
+
+    monkeypatch.setenv("DPPA_KERNELS_BACKEND", env or "auto")
+    auto = "triton" if ops._triton_runs_on(torch.device("cpu"))[0] else "torch"
+    assert ops.select_backend("auto", torch.device("cpu")) == (want or auto)
+    assert ops.select_backend("torch", torch.device("cpu")) == "torch"  # an explicit request wins
+    assert resolve("auto", torch.device("cpu")) in ("reference", "torch", "cpu")
+
+
+@pytest.mark.parametrize("env", ["cpu", "cuda"])
+def test_backend_env_without_an_hsm_kernel_raises(monkeypatch, env):
+    monkeypatch.setenv("DPPA_KERNELS_BACKEND", env)
+    y, l0, l1 = torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2)
+    with pytest.raises(ValueError, match=f"DPPA_KERNELS_BACKEND='{env}': the HSM op has no {env} kernel"):
+        hsm(y, l0, l1, None, torch.ones(8))
+    monkeypatch.setenv("DPPA_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="DPPA_KERNELS_BACKEND must be one of"):
+        hsm(y, l0, l1, None, torch.ones(8))
+
+
 def test_import_without_triton_falls_back():
     """`import dppa_kernels.pat` must work without triton; the reason is recorded."""
     code = (
@@ -187,7 +210,8 @@ def test_import_without_triton_falls_back():
     (dict(residual=torch.randn(3, 8).half()), TypeError, "residual must have the output dtype"),
     (dict(out_dtype=torch.int32), TypeError, "out_dtype must be"),
     (dict(l0=torch.randn(8)), ValueError, "l0 must be a 2-D tensor"),
-    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, "backend='cuda': the HSM op has no cuda kernel"),
 ])
 def test_bad_input(kwargs, exc, match):
     args = dict(y=torch.randn(3, 8), l0=torch.randn(2, 8), l1=torch.randn(8, 2), s=torch.rand(8),

@@ -1,4 +1,4 @@
-"""The reference against the real peers: mergekit 0.1.5 and PEFT 0.21 (PEERS.md §5).
+"""The reference against the real peers: mergekit 0.1.5 and PEFT 0.21 (docs/methods.md, against the peers).
 
 Inputs are tie-free fp32 (distinct magnitudes), so deterministic methods must agree exactly;
 random methods (their global RNG vs our hash RNG) agree in keep rate and L1 statistics.

@@ -1,4 +1,4 @@
-"""Properties of the reference definitions (DPPA.md §2.2, §3, §11; PERF.md §5)."""
+"""Properties of the reference definitions (docs/methods.md: DPPA, tie rules)."""
 
 import logging
 
@@ -77,7 +77,7 @@ def test_histogram_threshold_equals_sort_threshold(dtype):
 
 
 def test_band_max_rule_equals_elementwise_max_construction():
-    # DPPA.md §3.1: the official my_max keeps, per element, the larger of α_lo·Δ^(0.8), α_hi·Δ^(0.9).
+    # the official my_max keeps, per element, the larger of α_lo·Δ^(0.8), α_hi·Δ^(0.9).
     x = realistic_delta((4000,), torch.bfloat16, sigma=2e-3)
     for a_hi, a_lo in ((1.8, 0.0), (1.8, 1.0), (1.8, 2.0), (0.0, 1.3)):
         m9 = R.magnitude_mask_ref(x, 0.1, tie_mode="gt", count_rule="dppa").double()
@@ -111,7 +111,7 @@ def _outlier_unit(n, n_out):
 
 
 def test_dp_worked_example_unit_offsets():
-    # DPPA.md §2.3: N = (1, 1, 2)·k and p = (1, 2, 0.5) % → r = (0, 1, −0.5), u = (0, +λ, −λ/2).
+    # worked example: N = (1, 1, 2)·k and p = (1, 2, 0.5) % → r = (0, 1, −0.5), u = (0, +λ, −λ/2).
     hists = {"model.layers.0.mlp.up_proj.weight": _outlier_unit(1000, 10),
              "model.layers.0.mlp.gate_proj.weight": _outlier_unit(1000, 20),
              "model.layers.0.mlp.down_proj.weight": _outlier_unit(2000, 10)}

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from dppa_kernels.engine import MergeError
 from dppa_kernels.engine.st_format import read_header
-from test_engine_util import cli, family, leftovers, write_config
+from engine_util import cli, family, leftovers, write_config
 
 
 def _f32(name, shape, offs):

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from test_engine_util import tree_state
-from test_integration_common import config, load, write_family
+from engine_util import tree_state
+from integration_common import config, load, write_family
 
 from dppa_kernels.engine import MergeError
 from dppa_kernels.engine.outdir import output_lock

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from dppa_kernels.engine.outdir import output_lock, tmp_path as partial_dir
-from test_engine_util import ROOT, cli, dir_digest, family, leftovers, load_dir, tree_state, write_config
+from engine_util import ROOT, cli, dir_digest, family, leftovers, load_dir, tree_state, write_config
 
 SECRET = "root:$6$not-a-real-hash:19000:0:99999:7:::\n"
 

@@ -1,8 +1,8 @@
-"""Triton backend vs the in-package reference (CPU tensors under the Triton interpreter on CI).
-
-Same cases as the CPU backends' tests (tests/test_ops.py): odd shapes, every dtype, heavy ties,
+"""Triton-specific properties (CPU tensors under the Triton interpreter on CI); the properties
+every backend shares (select, histogram, masks, DARE, prune, merge, L1 sums) are in
+tests/test_backend_parity.py. Odd shapes, every dtype, heavy ties,
 edge densities; thresholds, counts and masks exact, values within one output ulp (the interpreter
-truncates fp32 -> bf16 stores, STYLE.md §6.3), DARE masks bit-identical to the reference RNG.
+truncates fp32 -> bf16 stores), DARE masks bit-identical to the reference RNG.
 On a GPU machine the same file runs on CUDA tensors: ``TRITON_INTERPRET=0 pytest tests/test_triton_backend.py``.
 Shapes are small and kernels use large blocks under the interpreter (~1 ms per program instance).
 """
@@ -16,7 +16,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import assert_ulp_close, DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
+from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
 
 import dppa_kernels as dk  # noqa: E402
 from dppa_kernels.backends.base import ApplyPlan  # noqa: E402
@@ -39,7 +39,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
-SHAPES = [(1,), (7,), (1023,), (4097,), (5, 123, 123)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,25 +58,7 @@ def _dev(t):
     return t.to(DEVICE)
 
 
-_ulp_close = assert_ulp_close
-
-
 # ---------------------------------------------------------------- select
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_select_matches_reference(dtype, shape, partition):
-    x = realistic_delta(shape, dtype, sigma=1e-4)
-    be = TritonBackend()
-    n = x.numel()
-    for d in ((0.0, 0.2, 1.0) if partition == "tensor" else (1.0 / n, 0.5)):
-        ref = magnitude_threshold_ref(x, d, partition=partition, block_size=1000)
-        tau, above, eq = be.select(_dev(x), ref["k"], partition, 1000, None)
-        assert torch.equal(tau, ref["tau_key"]), d
-        assert torch.equal(above, ref["c_above"]), d
-        assert torch.equal(eq, ref["c_eq"]), d
 
 
 @pytest.mark.parametrize("dtype,key_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
@@ -158,16 +139,6 @@ def test_select_all_equal_and_all_zero():
 # ---------------------------------------------------------------- histogram
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(1,), (1023,), (5, 123, 123)], ids=str)
-def test_histogram_matches_reference(dtype, stats_dtype, shape):
-    x = realistic_delta(shape, dtype, sigma=1e-3)
-    got = TritonBackend().histogram(_dev(x), stats_dtype)
-    assert got.dtype == torch.int64 and got.device.type == "cpu"
-    assert torch.equal(got, histogram_ref(x, stats_dtype))
-
-
 def test_histogram_runs_across_tiles_and_programs():
     # few distinct keys: every tile adds long runs, one atomic each, from several programs
     x = quantised_delta((5, 123, 123), torch.bfloat16, levels=5)
@@ -177,21 +148,6 @@ def test_histogram_runs_across_tiles_and_programs():
 
 
 # ---------------------------------------------------------------- apply: masks exact
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_magnitude_prune_masks_identical_with_heavy_ties(dtype, tie_mode, partition):
-    # nonzero tie groups, so the mask is visible in the output: out == where(mask, x, 0) exactly
-    x = quantised_delta((9, 7, 41), dtype, levels=5)
-    x = torch.where(x == 0, torch.full_like(x, 1 / 128), x)
-    for d in (0.0, 1 / x.numel(), 0.2, 0.5, 1.0):
-        kw = dict(density=d, tie_mode=tie_mode, partition=partition, block_size=50)
-        got = dk.prune(_dev(x), "magnitude", backend="triton", **kw).cpu()
-        mask = magnitude_mask_ref(x, d, tie_mode=tie_mode, partition=partition, block_size=50)
-        assert torch.equal(got, torch.where(mask, x, torch.zeros_like(x))), d
-        assert torch.equal(got, dk.prune(x, "magnitude", backend="reference", **kw)), d
 
 
 def test_exact_k_tie_ranks_across_chunks_and_partitions():
@@ -219,25 +175,13 @@ def test_bands_codes_exact(dtype):
 
 
 def test_bands_of_a_large_tensor_select_per_level(monkeypatch):
-    # the Triton histogram serialises on hot bins: large bf16 tensors plan one select per level
+    # Triton plans the levels of a large bf16 tensor with one select each, not a histogram
     x = realistic_delta((257, 300), torch.bfloat16, sigma=2e-3)  # above plans._HIST_LEVELS_MIN
     monkeypatch.setattr(TritonBackend, "histogram", lambda *a, **k: pytest.fail("histogram used"))
     for tie_mode in ("exact_k", "gt"):
         kw = dict(densities=(0.1, 0.4), alphas=(2.0, 1.0), band_combine="direct", tie_mode=tie_mode)
         got = dk.prune(_dev(x), "bands", backend="triton", **kw).cpu()
         assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), tie_mode
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dare_mask_bit_identical(dtype):
-    x = realistic_delta((3, 50, 123), dtype, sigma=2e-3)
-    x = torch.where(x == 0, torch.ones_like(x), x)  # no zeros: the mask is visible
-    for seed, name, p in ((0, "", 0.3), (2**40 + 7, "model.layers.0.mlp.up_proj.weight", 0.9), (5, "w", 0.0)):
-        got = dk.prune(_dev(x), "dare", density=p, seed=seed, name=name, backend="triton").cpu()
-        k1, k2 = rng.stream_keys(seed, name, 0)
-        keep = rng.keep_mask(x.numel(), p, k1, k2).reshape(x.shape)
-        assert torch.equal(got != 0, keep), (seed, p)
-        assert torch.equal(got, dk.prune(x, "dare", density=p, seed=seed, name=name, backend="torch"))
 
 
 @triton.jit
@@ -256,39 +200,6 @@ def test_dare_hash_high_index_bits():
 
 
 # ---------------------------------------------------------------- apply: values
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_other_prune_methods_match_reference(dtype):
-    x = realistic_delta((37, 129), dtype, sigma=2e-3)
-    cases = [("dare", dict(density=0.3, rescale="inv_density")), ("dare", dict(density=0.3, rescale="l1")),
-             ("della", dict(density=0.4, epsilon=0.1, rescale="l1")), ("breadcrumbs", dict(density=0.2, gamma=0.05)),
-             ("bands", dict(densities=(0.1, 0.2), alphas=(1.8, 1.0))),
-             ("bands", dict(densities=(0.05, 0.1, 0.3), alphas=(2.0, 1.5, 1.0), band_combine="direct",
-                            tie_mode="exact_k", partition="row"))]
-    for method, kw in cases:
-        ref = dk.prune(x, method, seed=11, name="layer.w", backend="reference", **kw)
-        got = dk.prune(_dev(x), method, seed=11, name="layer.w", backend="triton", **kw).cpu()
-        assert torch.equal(got != 0, ref != 0), method
-        _ulp_close(got, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                                    "breadcrumbs_ties", "della", "della_linear", "dppa", "dppa_ties"])
-def test_merge_matches_reference(dtype, method):
-    base, deltas = family((33, 65), 3, dtype, sigma=1e-3)
-    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
-    if method.startswith("della"):
-        params["epsilon"] = 0.1
-    if method.startswith("dppa"):
-        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]],
-                  "alphas": [1.8, 1.0]}
-    ref = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="reference", **params)
-    got = dk.merge_deltas([_dev(d) for d in deltas], _dev(base), method=method, seed=5, name="t",
-                          backend="triton", **params)
-    assert got.dtype == base.dtype
-    _ulp_close(got, ref, dtype)
 
 
 @pytest.mark.parametrize("elect", ["weighted_sum", "count", "sum", "frequency"])
@@ -313,15 +224,6 @@ def test_apply_writes_nothing_out_of_bounds():
     kapply.apply([_dev(d) for d in deltas], _dev(base), plans, [1.0, 1.0], CombineSpec(), torch.bfloat16,
                  out=sentinel[:n])
     assert bool((sentinel[n:] == 7.0).all())
-
-
-def test_abs_sums_match_torch_backend():
-    x = realistic_delta((5, 123, 123), torch.bfloat16, sigma=1e-3)
-    plan = dk.ops.make_plan(TorchBackend(), x, dk.ops.sparsify_spec("magnitude", density=0.3, partition="row"),
-                            seed=0, name="", stream=0)
-    ref = TorchBackend().abs_sums(x, plan)
-    got = TritonBackend().abs_sums(_dev(x), plan)
-    assert got == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

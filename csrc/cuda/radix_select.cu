@@ -1,4 +1,5 @@
-// Grid-wide exact select of one partition and the 32768-bin histogram (PERF.md §3.3, §3.4).
+// Grid-wide exact select of one partition and the 32768-bin histogram: one shared-memory pass for
+// 16-bit keys, a multi-pass radix with candidate compaction for fp32 keys.
 //
 // radix_hist: persistent grid, one shared-memory histogram of 2^bits uint32 bins per CTA (128 KB
 // for the 15-bit key: 1 CTA/SM), 16-byte vector loads, one shared atomicAdd per element whose

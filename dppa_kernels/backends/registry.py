@@ -62,14 +62,21 @@ def availability() -> dict[str, tuple[bool, str]]:
     return out
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Name of the backend that will run on ``device`` for the request ``backend``."""
+def requested(backend: str) -> str:
+    """The request ``backend``, checked, with ``"auto"`` replaced by ``DPPA_KERNELS_BACKEND`` when
+    that is set: the variable means "pass this backend to every op" (merge ops and PAT alike)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("DPPA_KERNELS_BACKEND", "auto")
         if backend not in BACKENDS:
             raise ValueError(f"DPPA_KERNELS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Name of the backend that will run on ``device`` for the request ``backend``."""
+    backend = requested(backend)
     if backend == "reference":
         return "reference"
     if backend != "auto":

@@ -1,4 +1,4 @@
-"""Per-tensor work: deltas from raw tensors, the merge of one tensor by its recipe, band statistics."""
+"""Per-tensor work: deltas from raw tensors, the merge of one tensor by its recipe."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference as R
 from ..ops import merge_planned
-from ..spec import SparsifySpec
 from .errors import MergeError, brief, clip
 from .recipe import Recipe
 from .workspace import Workspace
 
-STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16}
 
 
 def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor], workspace: Optional[Workspace] = None,
@@ -71,19 +67,3 @@ def merge_tensor(task, base: torch.Tensor, deltas: list, recipe: Recipe, *, seed
         if check_finite:
             check_deltas_finite(task, labels, deltas)  # the error names the model
         raise MergeError(f"tensor {brief(task.name)}: {clip(exc)}") from None
-
-
-def band_stats(hist: torch.Tensor, spec: SparsifySpec) -> tuple[list, float]:
-    """(threshold value per level, realised density) of a bands spec, exact from the histogram."""
-    n = int(hist.sum())
-    rows = R.band_thresholds(hist, spec.densities, spec.key_dtype, spec.count_rule)
-    taus = [float(R.key_to_value(torch.tensor(r[0]), spec.key_dtype)) for r in rows]
-    kept = []
-    for tau, above, eq, k in rows:
-        kept.append({"gt": above, "ge": above + eq}.get(spec.tie_mode, k))
-    factors = R.band_factors(spec.alphas, spec.band_combine)
-    total, prev = 0, 0
-    for f, c in zip(factors, kept):
-        total += (c - prev) if f > 0 else 0
-        prev = c
-    return taus, (total / n if n else 0.0)

@@ -3,53 +3,42 @@
 Supported: ``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``, global
 ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. Parameter values are scalars,
 gradients (lists interpolated over layer depth) or conditional lists ``[{filter, value}, ...]``
-(PEERS.md §1.2). Every unknown or unsupported key is an error naming it and the valid ones.
+(docs/methods.md). The parameters of each method are its registry entry's
+(``dppa_kernels.methods``). Every unknown or unsupported key is an error naming it and the valid ones.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ..methods import GLOBAL, METHODS
+from ..methods import engine_methods, get_method
 from .errors import MergeError, brief, clip
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 MODEL_KEYS = ("model", "parameters")
 MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
-SUPPORTED_METHODS = tuple(m for m in METHODS if m != "linear")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16")
-
-BASE_PER_MODEL = ("weight", "density")
-BASE_GLOBAL = ("normalize", "rescale", "lambda", "int8_mask")
-EXTRA_PER_MODEL = {"breadcrumbs": ("gamma",), "breadcrumbs_ties": ("gamma",), "della": ("epsilon",),
-                   "della_linear": ("epsilon",)}
-DPPA_PER_MODEL = ("densities", "alphas", "sparsity")
-DPPA_GLOBAL = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "nonunit_mode",
-               "compat", "unit_pattern", "layer_pattern")
-# Our advanced knobs (methods.GLOBAL): accepted for every method, checked by the presets.
-ADVANCED_GLOBAL = tuple(k for k in GLOBAL if k not in BASE_GLOBAL)
-# Values that are lists by nature, never gradients.
-LIST_VALUED = ("densities", "alphas", "density_clamp")
 # Values (scalars, list items, mapping entries) a config may hold once aliases are expanded; real
 # configs hold hundreds. A YAML "alias bomb" of a few lines expands to billions.
 MAX_CONFIG_VALUES = 1_000_000
 
 
 def is_dppa(method: str) -> bool:
-    return method in ("dppa", "dppa_ties")
+    """Whether ``method`` needs the DPPA statistics pass."""
+    return get_method(method).dppa
 
 
 def per_model_keys(method: str) -> tuple:
-    keys = BASE_PER_MODEL + EXTRA_PER_MODEL.get(method, ())
-    return keys + DPPA_PER_MODEL if is_dppa(method) else keys
+    """Parameters a model may set for itself (or the top level for every model)."""
+    return get_method(method).names(scope="model")
 
 
 def global_only_keys(method: str) -> tuple:
-    return BASE_GLOBAL + ADVANCED_GLOBAL + (DPPA_GLOBAL if is_dppa(method) else ())
+    return get_method(method).names(scope="global")
 
 
 class ModelEntry(BaseModel):
@@ -71,9 +60,9 @@ class MergeConfig(BaseModel):
     @field_validator("merge_method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in SUPPORTED_METHODS:
-            raise ValueError(f"unknown merge_method {brief(v)}{_hint(v, SUPPORTED_METHODS)}; valid: "
-                             f"{', '.join(SUPPORTED_METHODS)}")
+        valid = engine_methods()
+        if v not in valid:
+            raise ValueError(f"unknown merge_method {brief(v)}{_hint(v, valid)}; valid: {', '.join(valid)}")
         return v
 
     @field_validator("dtype", "out_dtype")
@@ -224,5 +213,3 @@ def load_config(path: str) -> tuple[MergeConfig, str]:
     data, text = read_yaml(path)
     return parse_config(data, src=clip(path)), text
 
-
-Setting = Union[bool, int, float, str, list, dict, None]

@@ -1,6 +1,6 @@
 """DPPA phase 1: exact per-unit histograms of every model's delta, then the DP allocation.
 
-Statistics are whole-model (DPPA.md §4), so every unit delta is streamed once before any tensor
+Statistics are whole-model (docs/methods.md, DPPA), so every unit delta is streamed once before any tensor
 is merged. The host then computes each model's DP densities and band thresholds from the
 histograms. In resident mode the base and deltas stay on the device for phase 2.
 
@@ -18,10 +18,12 @@ from typing import Optional
 
 import torch
 
-from ..ops import dp_densities, histogram_planned
-from ..spec import SparsifySpec
-from .compute import STATS_DTYPES, band_stats, check_deltas_finite, form_deltas
-from .recipe import dppa_alphas
+from ..dppa import stats as S
+from ..dppa.allocation import DPSettings, allocate as dp_allocate, mean_density
+from ..dppa.thresholds import UnitBands
+from ..dppa.units import unmatched_linears, warn_unmatched
+from ..ops import histogram_planned
+from .compute import check_deltas_finite, form_deltas
 from .shards import write_json_atomic
 from .workspace import Workspace
 from .errors import MergeError, brief, clip
@@ -64,9 +66,10 @@ def prepare(job, executor, todo: set, *, cache_dir: Optional[str], resuming: boo
 
 def stats_dtype(plan) -> torch.dtype:
     name = (plan.cfg.parameters or {}).get("stats_dtype", "bfloat16")
-    if name not in STATS_DTYPES:
-        raise MergeError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {brief(name)}")
-    return STATS_DTYPES[name]
+    try:
+        return S.stats_dtype_of(name)
+    except ValueError:
+        raise MergeError(f"stats_dtype must be one of {sorted(S.STATS_DTYPES)}, got {brief(name)}") from None
 
 
 def resident_fits(plan, device: torch.device, mode: str) -> bool:
@@ -113,24 +116,29 @@ def collect(plan, stream, labels, *, backend: str, sdtype: torch.dtype, resident
 
 
 def allocate(plan, hists, labels, *, backend: str, sdtype: torch.dtype) -> tuple[dict, dict]:
-    """(per-unit densities per model, report section) from the histograms."""
+    """(per-unit densities per model, report section) from the histograms. Each model's entry
+    reports its levels, the N-weighted mean density per level after clamping (``mean_density``;
+    exact unless units were clamped, or with ``renormalize``) and how many units were clamped."""
     gp = plan.cfg.parameters or {}
     layers = {t.name: t.layer for t in plan.tasks if t.unit}
-    kw = {k: gp[k] for k in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit") if k in gp}
-    if "density_clamp" in gp:
-        kw["density_clamp"] = tuple(gp["density_clamp"])
-    if "compat" in gp:
-        kw["compat"] = None if gp["compat"] in (None, "none") else gp["compat"]
-    dens, report = {}, {"models": []}
+    sizes = {t.name: t.out_bytes // t.out_dtype.itemsize for t in plan.tasks if t.unit}
+    try:
+        settings = DPSettings.from_params(gp)
+    except (ValueError, TypeError) as exc:
+        raise MergeError(f"DPPA settings: {clip(exc)}") from None
+    unmatched = unmatched_linears({t.name: tuple(t.shape) for t in plan.tasks if t.floating}, layers,
+                                  layer_pattern=gp.get("layer_pattern"))
+    warn_unmatched(unmatched)
+    dens, report = {}, {"models": [], "unmatched_linear": unmatched}
     for i, label in enumerate(labels):
         try:
-            alloc = dp_densities({n: h for n, h in hists[i].items()}, densities=plan.levels[i], layers=layers,
-                                 stats_dtype=sdtype, backend=backend, **kw)
+            alloc = dp_allocate({n: h for n, h in hists[i].items()}, layers, plan.levels[i], settings,
+                                stats_dtype=sdtype, backend=backend)
         except (ValueError, TypeError) as exc:
             raise MergeError(f"model {brief(label)}: DPPA allocation failed: {clip(exc)}") from None
         dens[i] = alloc.densities
         report["models"].append({
-            "model": label, "levels": plan.levels[i],
+            "model": label, "levels": plan.levels[i], "mean_density": mean_density(alloc, sizes),
             "layer_offset": {str(k): v for k, v in alloc.layer_offset.items()},
             "unit_offset": alloc.unit_offset, "clamped": len(alloc.clamped),
         })
@@ -138,21 +146,14 @@ def allocate(plan, hists, labels, *, backend: str, sdtype: torch.dtype) -> tuple
 
 
 def unit_report(plan, hists, dens, labels, sdtype: torch.dtype) -> dict:
-    """{unit: {target, realised, thresholds}} per model, exact from the histograms."""
+    """{unit: {target, thresholds}} per model, from the histograms (the realised densities come
+    from the plans the merge applies)."""
+    count_rule = (plan.cfg.parameters or {}).get("count_rule", "dppa")
     out = {}
-    tie = (plan.cfg.parameters or {}).get("tie_mode", "gt")
-    combine = (plan.cfg.parameters or {}).get("band_combine", "max")
     for t in plan.tasks:
-        if not t.unit:
-            continue
-        alphas = dppa_alphas(t, plan.levels, labels)
-        rows = {"target": [], "realised": [], "thresholds": []}
-        for i in range(len(labels)):
-            spec = SparsifySpec("bands", densities=tuple(dens[i][t.name]), alphas=tuple(alphas[i]),
-                                band_combine=combine, tie_mode=tie, count_rule="dppa", key_dtype=sdtype)
-            taus, real = band_stats(hists[i][t.name].to(torch.int64), spec)
-            rows["target"].append(list(dens[i][t.name]))
-            rows["realised"].append(real)
-            rows["thresholds"].append(taus)
-        out[t.name] = rows
+        if t.unit:
+            bands = [UnitBands.from_hist(hists[i][t.name], dens[i][t.name], sdtype, count_rule)
+                     for i in range(len(labels))]
+            out[t.name] = {"target": [list(dens[i][t.name]) for i in range(len(labels))],
+                           "thresholds": [b.thresholds() for b in bands]}
     return out

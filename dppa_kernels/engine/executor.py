@@ -62,7 +62,7 @@ def merge_task(job: MergeJob, task, base: torch.Tensor, deltas: list, *,
     out = merge_tensor(task, base, deltas, task.recipe, seed=job.seed, backend=job.backend,
                        labels=job.plan.labels, check_finite=check_finite, plans_out=plans)
     row = None
-    if job.report and not task.unit:  # DPPA units: rows from the statistics pass
+    if job.report or task.unit:  # DPPA units always: the realised density counts the applied plans
         row = tensor_row(task.recipe, deltas, plans, seed=job.seed, name=task.name)
     return out, row
 

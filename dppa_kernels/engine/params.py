@@ -9,14 +9,12 @@ by nature (``densities``, ``alphas``, ``density_clamp``) are never gradients.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
-from .config import LIST_VALUED, MergeConfig, global_only_keys, is_dppa, per_model_keys
+from ..dppa.defaults import DEFAULT_DENSITIES
+from ..methods import get_method
+from .config import MergeConfig
 from .errors import MergeError, brief
-
-BOOL_KEYS = ("normalize", "int8_mask")
-UNIT_INTERVAL = ("density", "sparsity", "gamma", "epsilon")
 
 
 def _scalar(v: Any) -> bool:
@@ -54,24 +52,11 @@ def depth_t(layer: Optional[int], n_layers: int) -> float:
     return layer / (n_layers - 1) if n_layers > 1 else 1.0
 
 
-def _check_value(key: str, v: Any, where: str) -> Any:
-    if key in BOOL_KEYS and not isinstance(v, bool):
-        raise MergeError(f"{where}: {key} must be true or false, got {brief(v)}")
-    if key in UNIT_INTERVAL or key in ("weight", "lambda", "offset_lambda", "outlier_mult_layer",
-                                       "outlier_mult_unit"):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise MergeError(f"{where}: {key} must be a finite number, got {brief(v)}")
-        if key in UNIT_INTERVAL and not 0.0 <= v <= 1.0:
-            raise MergeError(f"{where}: {key} = {v} is outside [0, 1]")
-        return float(v)
-    if key in ("densities", "alphas", "density_clamp"):
-        if not isinstance(v, list) or not v or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-            raise MergeError(f"{where}: {key} must be a non-empty list of numbers, got {brief(v)}")
-        if key == "densities" and any(not 0.0 <= x <= 1.0 for x in v):
-            raise MergeError(f"{where}: densities {brief(v)} has a value outside [0, 1]")
-        return [float(x) for x in v]
-    return v
+def _check_value(param, v: Any, where: str) -> Any:
+    try:
+        return param.check(v, where)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
 
 
 class ParamResolver:
@@ -80,13 +65,15 @@ class ParamResolver:
     def __init__(self, cfg: MergeConfig, n_layers: int):
         self.cfg = cfg
         self.method = cfg.merge_method
+        self.spec = get_method(cfg.merge_method)
         self.n_layers = n_layers
         self.glob = dict(cfg.parameters or {})
         self.models = [dict(m.parameters or {}) for m in cfg.models]
 
     def _eval(self, key: str, setting: Any, name: str, t: float, where: str) -> Any:
-        v = evaluate(setting, name, t, literal_list=key in LIST_VALUED)
-        return None if v is None else _check_value(key, v, where)
+        param = self.spec.param(key)
+        v = evaluate(setting, name, t, literal_list=param.type is list)
+        return None if v is None else _check_value(param, v, where)
 
     def per_model(self, key: str, name: str, layer: Optional[int]) -> list:
         """One value per model (None where neither the model nor the global parameters set it)."""
@@ -108,23 +95,20 @@ class ParamResolver:
     def for_tensor(self, name: str, layer: Optional[int]) -> tuple[dict, dict]:
         """(parameters for ``methods.preset``, DPPA allocation parameters) of one tensor."""
         merge, dppa = {}, {}
-        for key in per_model_keys(self.method):
-            vals = self.per_model(key, name, layer)
-            if key in ("densities", "sparsity") or all(v is None for v in vals):
-                continue
-            if key == "density" and is_dppa(self.method):
-                continue
-            if any(v is None for v in vals):
-                default = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}.get(key)
-                if default is not None:  # alphas: the DPPA engine fills them per model's levels
-                    vals = [default if v is None else v for v in vals]
-            merge[key] = vals
-        for key in global_only_keys(self.method):
-            v = self.global_value(key, name, layer)
-            if v is None:
-                continue
-            (dppa if key in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp",
-                             "nonunit_mode", "compat", "unit_pattern", "layer_pattern") else merge)[key] = v
+        for p in self.spec.params:
+            if p.scope == "model":
+                if p.stage != "merge":  # DPPA's density levels: read once per model (dp_levels)
+                    continue
+                vals = self.per_model(p.name, name, layer)
+                if all(v is None for v in vals):
+                    continue
+                if p.default is not None:  # alphas have none: the DPPA engine fills them per model's levels
+                    vals = [p.default if v is None else v for v in vals]
+                merge[p.name] = vals
+            else:
+                v = self.global_value(p.name, name, layer)
+                if v is not None:
+                    (merge if p.stage == "merge" else dppa)[p.name] = v
         return merge, dppa
 
     def dp_levels(self) -> list[list[float]]:
@@ -140,14 +124,15 @@ class ParamResolver:
                     if not (_scalar(setting) or key == "densities"):
                         raise MergeError(f"model {brief(label)}: {key} for {self.method} is a whole-model allocation "
                                          f"level and cannot be a gradient or filter list, got {brief(setting)}")
-                    found[key] = _check_value(key, evaluate(setting, "", 0.0, key in LIST_VALUED),
+                    param = self.spec.param(key)
+                    found[key] = _check_value(param, evaluate(setting, "", 0.0, param.type is list),
                                               f"model {brief(label)}")
             own = [k for k in ("densities", "density", "sparsity") if k in mp]
             if len(own) > 1:
                 raise MergeError(f"model {brief(label)}: set only one of densities, density, sparsity (got {brief(own)})")
             key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
             if key is None:
-                out.append([0.1, 0.2])
+                out.append(list(DEFAULT_DENSITIES))
             elif key == "densities":
                 out.append(found[key])
             elif key == "density":

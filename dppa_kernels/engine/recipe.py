@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import _validate as V
-from ..methods import NONUNIT_MODES, preset
-from ..spec import CombineSpec, SparsifySpec
+from ..dppa.defaults import default_alphas
+from ..methods import NONUNIT_MODES, nonunit_spec, preset
+from ..spec import CombineSpec
 from .config import is_dppa
 from .errors import MergeError, brief, clip
 
@@ -28,16 +29,11 @@ class Recipe:
     mode: str = "merge"  # or "base": the output is the base tensor (DPPA nonunit_mode base)
 
 
-def default_alphas(k: int) -> list[float]:
-    """DPPA's search start (1.8 on the top band, 0 below) for k levels."""
-    return [1.8] + [0.0] * (k - 1)
-
-
 def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
     given = task.merge_params.get("alphas") or [None] * len(levels)
     out = []
     for lv, a, label in zip(levels, given, labels):
-        a = default_alphas(len(lv)) if a is None else list(a)
+        a = list(default_alphas(len(lv))) if a is None else list(a)
         if len(a) != len(lv):
             raise MergeError(f"model {brief(label)}: alphas {brief(a)} must have one factor per density level "
                              f"{brief(lv)}")
@@ -58,15 +54,11 @@ def _specs(task, method: str, n: int, levels, unit_densities, labels) -> tuple:
     p["alphas"] = alphas
     p["densities"] = unit_densities if task.unit else levels
     w, specs, combine = preset(method, n, p)
-    if task.unit or mode == "prune":
+    if task.unit:
         return w, specs, combine, "merge"
     if mode == "base":
-        return w, specs, combine, "base"
-    if mode == "dense":
-        return w, [SparsifySpec("none")] * n, combine, "merge"
-    # official: the whole dense delta × max α (what the official code does to every key)
-    off = [s.with_(densities=(1.0,), alphas=(max(a),), tie_mode="ge") for s, a in zip(specs, alphas)]
-    return w, off, combine, "merge"
+        return w, specs, combine, "base"  # the base tensor itself, bit for bit
+    return w, [nonunit_spec(mode, s, lv) for s, lv in zip(specs, levels)], combine, "merge"
 
 
 def build_recipe(task, method: str, n: int, *, levels=None, unit_densities=None, labels=()) -> Recipe:

@@ -94,8 +94,9 @@ def build_report(cfg, plan, opts, backend: str, device, timings: dict, tensors: 
     units = [t.name for t in plan.tasks if t.unit] if is_dppa(cfg.merge_method) else []
     names = units or [t.name for t in plan.tasks if t.floating]
     for i, label in enumerate(plan.labels):
-        num = sum(tensors[n]["realised"][i] * numel[n] for n in names if n in tensors)
-        den = sum(numel[n] for n in names if n in tensors)
+        have = [n for n in names if "realised" in tensors.get(n, {})]
+        num = sum(tensors[n]["realised"][i] * numel[n] for n in have)
+        den = sum(numel[n] for n in have)
         per_model[label] = num / den if den else None
     exact = not any(tensors[n].get("expected") for n in names if n in tensors)
     options = {f.name: getattr(opts, f.name) for f in fields(opts)}

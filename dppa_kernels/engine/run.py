@@ -33,7 +33,7 @@ from .shards import JOURNAL, Journal, shard_name, write_index, write_json_atomic
 from .stages import Executed, execute
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-EXECUTORS = ("local", "serial")
+EXECUTORS = ("local", "serial", "ray")
 
 
 @dataclass
@@ -54,7 +54,11 @@ class MergeOptions:
     prefetch: int = 2
     tensor_order: str = "natural"  # or "name": mergekit's output order (plan.build_plan)
     tensor_report: bool = True  # per-tensor realised densities in the report (from the applied plans)
-    executor: Union[str, Executor] = "local"  # "local" (reader and writer threads), "serial" or an Executor
+    executor: Union[str, Executor] = "local"  # "local" (reader and writer threads), "serial", "ray" or an Executor
+    # executor="ray" (engine/ray_executor.py): the cluster to join, tasks at a time, GPUs per task
+    ray_address: Optional[str] = None
+    workers: Optional[int] = None
+    gpus_per_worker: Optional[float] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,12 +85,21 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def make_executor(opts: MergeOptions) -> Executor:
+    ray_opts = {"--ray-address": opts.ray_address, "--workers": opts.workers, "--gpus-per-worker": opts.gpus_per_worker}
+    given = [k for k, v in ray_opts.items() if v is not None]
+    if given and opts.executor != "ray":
+        raise MergeError(f"{', '.join(given)} apply to --executor ray only (executor is {brief(opts.executor)})")
     if isinstance(opts.executor, Executor):
         return opts.executor
     if opts.executor == "local":
         return LocalExecutor(prefetch_depth=opts.prefetch, progress=opts.progress, resident=opts.resident)
     if opts.executor == "serial":
         return SerialExecutor()
+    if opts.executor == "ray":
+        from .ray_executor import RayExecutor  # ray is an optional dependency
+
+        return RayExecutor(opts.ray_address, workers=opts.workers, gpus_per_worker=opts.gpus_per_worker,
+                           progress=opts.progress)
     raise MergeError(f"executor {brief(opts.executor)} is not one of {', '.join(EXECUTORS)}")
 
 

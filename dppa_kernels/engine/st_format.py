@@ -19,7 +19,7 @@ import struct
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Sequence
 
 import torch
 
@@ -287,8 +287,3 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
-def write_all(f: BinaryIO, chunks: Iterable[memoryview]) -> None:
-    for c in chunks:
-        f.write(c)

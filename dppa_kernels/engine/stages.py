@@ -45,6 +45,7 @@ def execute(job: MergeJob, executor: Executor, journal: Journal, *, resuming: bo
     t = time.perf_counter()
     executor.execute(job, todo, journal.record)
     out.timings["merge_s"] = time.perf_counter() - t
-    if job.report:
-        out.tensors.update(journal.rows())
+    for name, row in journal.rows().items():  # a DPPA unit's row adds to its statistics row
+        if row and (job.report or name in out.tensors):
+            out.tensors[name] = {**out.tensors.get(name, {}), **row}
     return out

@@ -21,9 +21,11 @@ Hook (mergekit 0.1.5 API, detected by feature: ``mergekit.merge_methods.register
   ``merge_group`` runs our fused kernel. mergekit has no public "replace", so the swap writes its
   registry dict; ``uninstall()`` puts the original objects back. ``override=False`` leaves those
   names alone and registers ``<name>_fast`` twins instead, through the public ``register()``.
-* ``dppa`` and ``dppa_ties`` are registered through ``register()`` in both modes.
+* The methods mergekit lacks (``dppa``, ``dppa_ties``, ``consensus``, ...: those of
+  :mod:`dppa_kernels.methods` marked ``mergekit="ours"``) are registered through ``register()``
+  in both modes, with parameter specs derived from their registry entries.
 
-Semantics are mergekit 0.1.5's (PEERS.md §1.4–§1.6), except where mergekit rounds: we compute in
+Semantics are mergekit 0.1.5's (docs/methods.md), except where mergekit rounds: we compute in
 fp32 and round once to the base dtype (mergekit rounds the weighted deltas, the sum and the
 weights to the working dtype; in fp32 the results are identical). Magnitude ties at the cut are
 broken by index instead of by sort order. DARE/DELLA draw from our counter-hash RNG keyed by
@@ -50,20 +52,33 @@ from typing import Any, Optional
 
 import torch
 
-from ..methods import METHODS, preset
+from ..methods import get_method, methods, preset, sparsifiers
 from ..ops import merge_prepared
 from ._deps import records_grad, require
 from .mergekit_dppa import (DPPATable, active_table, call_table, dppa_spec_params, in_memory_call, in_memory_table,
                             prepare_dppa, set_dppa_table)
 
 __all__ = ["install", "uninstall", "is_installed", "installed", "run_merge", "prepare_dppa",
-           "set_dppa_table", "DPPATable", "GTA_NAMES"]
+           "set_dppa_table", "DPPATable", "gta_names", "own_names"]
 
-GTA_NAMES = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-             "della", "della_linear")
 _FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_SPARSIFIERS = {None: "none", "magnitude": "magnitude", "random": "dare",
-                "magnitude_outliers": "breadcrumbs", "della_magprune": "della"}
+
+
+def gta_names() -> tuple:
+    """mergekit's generalized-task-arithmetic methods that ``install()`` runs on our kernels."""
+    return tuple(n for n, m in methods().items() if m.mergekit == "gta")
+
+
+def own_names() -> tuple:
+    """The methods ``install()`` adds to mergekit."""
+    return tuple(n for n, m in methods().items() if m.mergekit == "ours")
+
+
+def _sparsifier_of(mergekit_value) -> str:
+    """Our sparsifier for mergekit's SparsificationMethod value (None: no sparsification)."""
+    if mergekit_value is None:
+        return "none"
+    return next(n for n, sp in sparsifiers().items() if sp.mergekit == mergekit_value)
 
 _lock = threading.RLock()
 _state: dict = {"installed": False, "replaced": {}, "added": [], "backend": "auto", "seed": 0}
@@ -87,7 +102,7 @@ def _registry():
 
 def _preset_name(sparsifier: str) -> str:
     """A preset with this sparsifier (its combine is replaced by the caller's)."""
-    return next(n for n, (sp, *_) in METHODS.items() if sp == sparsifier and n != "linear")
+    return next(n for n, m in methods().items() if m.sparsifier == sparsifier and m.mergekit == "gta")
 
 
 def _no_autocast(device: torch.device):
@@ -115,7 +130,7 @@ def _build_classes():
                     or records_grad(e.tensor for e in group.entries):
                 return super().merge_group(group, **parameters)
             sp = self.sparsification_method
-            sparsifier = _SPARSIFIERS[None if sp is None else getattr(sp, "value", sp)]
+            sparsifier = _sparsifier_of(None if sp is None else getattr(sp, "value", sp))
             consensus = self.consensus_method
             p = {"weight": tuple(float(parameters["weight"][e.id]) for e in entries),
                  "density": tuple(_density(parameters["density"][e.id], sparsifier) for e in entries),
@@ -140,11 +155,11 @@ def _build_classes():
             self.spec = MergeMethodSpec(
                 name=name,
                 pretty_name="DPPA" + (" + TIES" if name == "dppa_ties" else ""),
-                reference_url="https://arxiv.org/abs/2403.10799",
+                reference_url=f"https://arxiv.org/abs/{get_method(name).reference}",
                 parameters=(
                     ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
                     ParameterSpec("normalize", bool, ParameterScope.SHARED,
-                                  default=METHODS[name][2]),
+                                  default=get_method(name).normalize),
                     ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
                     *dppa_spec_params(ParameterSpec, ParameterScope),
                 ),
@@ -175,7 +190,37 @@ def _build_classes():
                 return base
             return _merge(group, specs, weights, combine)
 
-    _state["classes"] = (FastGeneralizedTaskArithmeticMerge, DPPAMerge)
+    class RegistryMerge(mm.GroupMergeMethod):
+        """A method of our registry that mergekit lacks: its spec and presets come from the entry."""
+
+        def __init__(self, name: str):
+            self.method_name = name
+            entry = get_method(name)
+            scopes = {"model": ParameterScope.NON_BASE, "global": ParameterScope.SHARED}
+            self.spec = MergeMethodSpec(
+                name=name, pretty_name=entry.title, reference_url=f"https://arxiv.org/abs/{entry.reference}",
+                parameters=tuple(ParameterSpec(p.name, Optional[p.type], scopes[p.scope], default=p.default)
+                                 for p in entry.params if p.mergekit),
+                contract=InputContract(base=BasePolicy.REQUIRED),
+            )
+
+        def merge_group(self, group, /, **parameters: Any) -> torch.Tensor:
+            base, entries = group.base.tensor, group.non_base
+            if not entries:
+                return base
+            entry = get_method(self.method_name)
+            p = {}
+            for param in entry.params:
+                if not param.mergekit or param.name not in parameters:
+                    continue
+                v = parameters[param.name]
+                v = tuple(v[e.id] for e in entries) if param.scope == "model" else v
+                if v is not None and not (isinstance(v, tuple) and None in v):
+                    p[param.name] = v
+            weights, specs, combine = preset(self.method_name, len(entries), p)
+            return _merge(group, specs, weights, combine)
+
+    _state["classes"] = (FastGeneralizedTaskArithmeticMerge, DPPAMerge, RegistryMerge)
     return _state["classes"]
 
 
@@ -220,7 +265,8 @@ def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> N
     """Install the backend into mergekit (idempotent; a second call updates backend and seed).
 
     override=True: mergekit's GTA names run our kernels. override=False: they stay mergekit's and
-    ``<name>_fast`` twins are added. ``dppa`` and ``dppa_ties`` are added in both modes.
+    ``<name>_fast`` twins are added. The methods mergekit lacks (:func:`own_names`) are added in
+    both modes.
     """
     with _lock:
         _state["backend"], _state["seed"] = backend, int(seed)
@@ -229,12 +275,12 @@ def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> N
                 return
             uninstall()
             _state["backend"], _state["seed"] = backend, int(seed)
-        fast_cls, dppa_cls = _build_classes()
+        fast_cls, dppa_cls, registry_cls = _build_classes()
         reg = _registry()
         _, mm = _mergekit()
         replaced, added = {}, []
         try:
-            for name in GTA_NAMES:
+            for name in gta_names():
                 orig = reg._METHODS.get(name)
                 if not isinstance(orig, mm.GeneralizedTaskArithmeticMerge):
                     continue  # absent or already replaced by someone else: leave it alone
@@ -246,8 +292,8 @@ def install(override: bool = True, *, backend: str = "auto", seed: int = 0) -> N
                     fields["method_name"] = name + "_fast"
                     mm.register(fast_cls(**fields))
                     added.append(name + "_fast")
-            for name in ("dppa", "dppa_ties"):
-                mm.register(dppa_cls(name))
+            for name in own_names():
+                mm.register((dppa_cls if get_method(name).dppa else registry_cls)(name))
                 added.append(name)
         except Exception:
             _restore(reg, replaced, added)
@@ -307,7 +353,8 @@ def run_merge(merge_config, out_path: str, options=None, config_source: Optional
         seed = options.random_seed if options.random_seed is not None else 0
     with installed(override, backend=backend, seed=seed):
         table = None
-        if merge_config.merge_method in ("dppa", "dppa_ties"):
+        entry = methods().get(merge_config.merge_method)
+        if entry is not None and entry.dppa:
             table = prepare_dppa(merge_config, options, backend=backend)
         try:
             mk_run_merge(merge_config, out_path, options=options, config_source=config_source)

@@ -1,7 +1,7 @@
 """DPPA inside mergekit: the statistics pre-pass and the per-(model, tensor) lookup table.
 
 mergekit merges one tensor at a time, but DP densities depend on whole-model statistics
-(DPPA.md §4). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
+(docs/methods.md, DPPA). :func:`prepare_dppa` therefore reads every unit tensor of the base and of each
 model named in the config once, before mergekit plans the merge, and stores the DP densities of
 every (model, unit tensor); the ``dppa`` / ``dppa_ties`` methods look them up by tensor name.
 
@@ -39,16 +39,18 @@ from typing import Any, Optional
 
 import torch
 
-from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, nonunit_spec, preset
-from ..ops import dp_densities, tensor_histogram
+from ..dppa import stats as dppa_stats
+from ..dppa.allocation import DPSettings, allocate
+from ..dppa.defaults import default_alphas
+from ..dppa.units import unmatched_linears, warn_unmatched
+from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, methods, nonunit_spec, preset
 from ..reference.naming import group_units, unit_layer
-from . import dppa_stats
 
 LOG = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-_DP_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat")
+_DTYPES = dppa_stats.STATS_DTYPES
+_DP_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat",
+            "density_renormalize")
 _SPEC_KEYS = ("tie_mode", "count_rule", "band_combine", "stats_dtype")
 _OTHER_KEYS = ("nonunit_mode", "unit_pattern", "layer_pattern")
 _LEVEL_KEYS = ("densities", "density", "sparsity")
@@ -96,11 +98,6 @@ class DPPATable:
         if self.nonunit_mode == "base":
             return None, combine
         return [nonunit_spec(self.nonunit_mode, s, self.levels[k]) for s, k in zip(specs, models)], combine
-
-
-def default_alphas(k: int) -> tuple:
-    """The CLI's default band factors for k levels: DPPA's search start, 1.8 on the top band."""
-    return (1.8,) + (0.0,) * (k - 1)
 
 
 def _levels(local: dict, glob: dict, label: str) -> tuple:
@@ -194,7 +191,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     """Run the DPPA statistics pre-pass for a mergekit ``MergeConfiguration`` (merge_method
     ``dppa`` or ``dppa_ties``) and, with ``activate``, make the table the active one."""
     method = merge_config.merge_method
-    if method not in ("dppa", "dppa_ties"):
+    if not getattr(methods().get(method), "dppa", False):
         raise ValueError(f"prepare_dppa is for merge_method dppa / dppa_ties, got {method!r}")
     if not merge_config.models or merge_config.slices or merge_config.modules:
         raise ValueError("dppa inside mergekit supports 'models:' configs only (slices and modules "
@@ -210,9 +207,7 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     if nonunit not in NONUNIT_MODES:
         raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
     patterns = {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
-    dp = {k: glob[k] for k in _DP_KEYS if k in glob}
-    if "density_clamp" in dp:
-        dp["density_clamp"] = tuple(dp["density_clamp"])
+    dp = DPSettings.from_params({k: glob[k] for k in _DP_KEYS if k in glob})
     stats_dtype = _DTYPES[settings["stats_dtype"]]
     device = _stats_device(options)
     base_ref = merge_config.base_model
@@ -220,6 +215,8 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     layers = dppa_stats.unit_layers(base_dir, **patterns)
     if not layers:
         raise ValueError(f"no DPPA unit tensors found in {base_dir!r}; set unit_pattern / layer_pattern")
+    warn_unmatched(unmatched_linears(dppa_stats.tensor_shapes(base_dir), layers,
+                                     layer_pattern=patterns.get("layer_pattern")))
     from mergekit.common import dtype_from_name
 
     model_dirs = {str(m.model): _local_dir(m.model, options) for m in merge_config.models
@@ -240,8 +237,10 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
         if len(alphas) != len(levels):
             raise ValueError(f"{ref}: alphas {alphas} must have one factor per density level {levels}")
         model_dir = model_dirs[str(ref)]
-        alloc = dppa_stats.model_allocation(base_dir, model_dir, levels=levels, layers=layers, dtype=dtype,
-                                            stats_dtype=stats_dtype, device=device, backend=backend, **dp)
+        hists = dppa_stats.folder_histograms(base_dir, model_dir, list(layers), dtype=dtype,
+                                             stats_dtype=stats_dtype, device=device, backend=backend)
+        alloc = allocate(hists, layers, levels, dp, stats_dtype=stats_dtype, backend=backend)
+        del hists
         for name in layers:
             table.densities[(str(ref), name)] = tuple(float(d) for d in alloc.densities[name])
         table.alphas[str(ref)] = alphas
@@ -324,10 +323,9 @@ def in_memory_table(method: str, groups, parameters: list, input_dtypes, *, back
                 if name in layers and entry is not None:
                     dt = dt or torch.promote_types(entry.tensor.dtype, g.base.tensor.dtype)
                     delta = entry.tensor.to(dt) - g.base.tensor.to(dt)
-                    hists[name] = tensor_histogram(delta, stats_dtype=stats_dtype, check_finite=False,
-                                                   backend=backend)
+                    hists[name] = dppa_stats.unit_histogram(delta, stats_dtype, backend)
         unit_layers = {n: layers[n] for n in hists}
-        alloc = dp_densities(hists, densities=levels, layers=unit_layers, stats_dtype=stats_dtype, **dp)
+        alloc = allocate(hists, unit_layers, levels, DPSettings(**dp), stats_dtype=stats_dtype, backend=backend)
         for name in unit_layers:
             table.densities[(str(mid), name)] = tuple(float(x) for x in alloc.densities[name])
         table.levels[str(mid)] = levels

@@ -9,12 +9,13 @@ bit-identical to the fallback's for the same ``--random-seed`` (tests/test_integ
 
 Eligible (anything else falls back; ``-v`` prints the one-line reason):
 
-* ``merge_method``: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
-  della, della_linear, dppa, dppa_ties; top-level keys ``merge_method``, ``base_model``,
+* ``merge_method``: one of the engine's methods (``dppa_kernels.methods.engine_methods()``:
+  mergekit's GTA methods, dppa, dppa_ties, consensus, ...); top-level keys ``merge_method``, ``base_model``,
   ``models``, ``parameters``, ``dtype``, ``out_dtype`` only (no ``slices``, ``modules``,
-  ``tokenizer``, ``tokenizer_source``, ``chat_template``); each method's own mergekit parameters
-  (the dppa keys for dppa / dppa_ties); a ``weight`` for every model of a GTA method (mergekit
-  requires it).
+  ``tokenizer``, ``tokenizer_source``, ``chat_template``); only the method's mergekit parameters
+  (its registry entry's, ``Param.mergekit``; those read by the DPPA statistics pass as plain
+  values); a value for every tensor of each parameter mergekit requires (``Param.required``: the
+  ``weight`` of a GTA method).
 * Models: local folders of safetensors weights (no ``+lora``, no ``@revision``, no hub ids), all
   with one architecture that mergekit defines in JSON, whose planned tensors are exactly the
   base model's tensors under their own names; floating point, one dtype per tensor across the
@@ -63,19 +64,8 @@ from typing import Any, Optional, Union
 from ..engine.errors import MergeError, brief, clip, write_failed
 from . import mergekit_layout as L
 
-FAST_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                "della", "della_linear", "dppa", "dppa_ties")
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
-_GTA_MODEL = ("weight", "density")
-_GTA_EXTRA = {"breadcrumbs": ("gamma",), "breadcrumbs_ties": ("gamma",), "della": ("epsilon",),
-              "della_linear": ("epsilon",)}
-_GTA_GLOBAL = ("normalize", "rescale", "lambda", "int8_mask")
-# the keys dppa / dppa_ties read inside mergekit (integrations.mergekit_dppa), all plain values
-_DPPA_MODEL = ("densities", "density", "sparsity", "alphas")
-_DPPA_GLOBAL = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat",
-                "tie_mode", "count_rule", "band_combine", "stats_dtype", "nonunit_mode", "unit_pattern",
-                "layer_pattern")
 _REFUSED_FLAGS = ("unsafe_truncate_embeddings", "low_cpu_memory", "trust_remote_code", "read_to_gpu",
                   "multi_gpu", "gpu_rich")
 _REFUSED_VALUES = ("transformers_cache", "lora_merge_cache", "lora_merge_dtype")
@@ -158,9 +148,15 @@ def _covers_all(setting: Any) -> bool:
 
 
 def _param_reason(method: str, glob: dict, models: list) -> Optional[str]:
-    dppa = method in ("dppa", "dppa_ties")
-    per_model = ("weight",) + (_DPPA_MODEL if dppa else _GTA_MODEL[1:] + _GTA_EXTRA.get(method, ()))
-    global_ok = per_model + (("normalize", "lambda") + _DPPA_GLOBAL if dppa else _GTA_GLOBAL)
+    """Why the parameters are not the method's mergekit parameters (its registry entry's), or None."""
+    from ..methods import get_method
+
+    entry = get_method(method)
+    per_model = entry.names(scope="model", mergekit=True)
+    global_ok = per_model + entry.names(scope="global", mergekit=True)
+    # read by the DPPA statistics pass (and the settings it hands on) from the config as is
+    plain = () if not entry.dppa else tuple(p.name for p in entry.params
+                                            if p.name not in ("weight", "normalize", "lambda"))
     for where, params, valid in [("parameters", glob, global_ok)] + \
             [(f"models[{i}].parameters", p, per_model) for i, p in enumerate(models)]:
         if not isinstance(params, dict):
@@ -168,12 +164,12 @@ def _param_reason(method: str, glob: dict, models: list) -> Optional[str]:
         for k, v in params.items():
             if k not in valid:
                 return f"parameter {brief(k)} in {where} for {method}"
-            if dppa and k not in ("weight", "normalize", "lambda") and not _plain(v):
+            if k in plain and not _plain(v):
                 return f"parameter {brief(k)} in {where} is not a plain value"
-    if not dppa:
+    for key in (p.name for p in entry.params if p.required):
         for i, p in enumerate(models):
-            if not _covers_all(p.get("weight", glob.get("weight"))):
-                return f"models[{i}] has no weight for every tensor (mergekit requires one)"
+            if not _covers_all(p.get(key, glob.get(key))):
+                return f"models[{i}] has no {key} for every tensor (mergekit requires one)"
     return None
 
 
@@ -183,7 +179,9 @@ def _config_reason(data: Any) -> Optional[str]:
     extra = [k for k in data if k not in TOP_KEYS]
     if extra:
         return f"config key {brief(extra[0])}"
-    if data.get("merge_method") not in FAST_METHODS:
+    from ..methods import engine_methods
+
+    if data.get("merge_method") not in engine_methods():
         return f"merge_method {brief(data.get('merge_method'))}"
     if not isinstance(data.get("base_model"), str):
         return "no base_model path"

@@ -1,45 +1,44 @@
 """Public HSM op: validate once, then dispatch to the fused Triton kernel or the torch reference.
 
-Backends: ``"triton"`` (``dppa_kernels.kernels.hsm``: CUDA tensors, or CPU tensors when the
-kernels are interpreted, i.e. ``TRITON_INTERPRET=1`` was set before triton was imported) and
-``"torch"`` (``dppa_kernels.pat.reference.hsm_ref`` under autograd). ``backend="auto"`` (or the
-env ``DPPA_KERNELS_BACKEND=triton|torch``) picks Triton when it can run on the tensors' device and
-falls back to torch otherwise, with one logged warning when CUDA tensors could not use Triton. A
-forced backend that cannot run raises. Importing this module never imports triton.
+The backend is chosen like every other op's (``dppa_kernels.backends.registry``): ``backend``
+takes the same names, and ``"auto"`` is replaced by ``DPPA_KERNELS_BACKEND`` when that is set.
+The HSM has two implementations: ``"triton"`` (``dppa_kernels.kernels.hsm``: CUDA tensors, or CPU
+tensors when the kernels are interpreted, i.e. ``TRITON_INTERPRET=1`` was set before triton was
+imported) and the torch reference under autograd (``dppa_kernels.pat.reference.hsm_ref``), which
+``"torch"`` and ``"reference"`` select. ``"auto"`` picks Triton when the registry's Triton
+backend runs on the tensors' device and the HSM kernels import, else the reference, with one
+logged warning when CUDA tensors could not use Triton. A forced backend that cannot run raises;
+``"cpu"`` and ``"cuda"`` (the C++/CUDA extensions, which have no HSM kernel) raise a ValueError
+naming where the request came from. Importing this module never imports triton.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
+from ..backends.registry import BACKENDS, get_backend, requested
 from .reference import hsm_ref
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON: dict = {}
 _WARNED: set = set()
 
 
 def triton_status() -> tuple[bool, str]:
-    """(available, reason) of the Triton HSM kernels, computed once.
-    ``DPPA_KERNELS_DISABLE_TRITON=1`` disables them."""
+    """(available, reason) of the Triton HSM kernels, computed once."""
     if "status" not in _TRITON:
-        if os.environ.get("DPPA_KERNELS_DISABLE_TRITON", "0") not in ("", "0"):
-            _TRITON["status"] = (False, "disabled by DPPA_KERNELS_DISABLE_TRITON")
-        else:
-            try:
-                from dppa_kernels.kernels import hsm as mod
+        try:
+            from dppa_kernels.kernels import hsm as mod
 
-                _TRITON["module"] = mod
-                _TRITON["status"] = (True, "interpreted" if mod.is_interpreted() else "compiled")
-            except Exception as exc:  # triton missing or broken: the torch reference serves
-                _TRITON["status"] = (False, f"triton is not importable: {exc!r}")
+            _TRITON["module"] = mod
+            _TRITON["status"] = (True, "interpreted" if mod.is_interpreted() else "compiled")
+        except Exception as exc:  # triton missing or broken: the torch reference serves
+            _TRITON["status"] = (False, f"triton is not importable: {exc!r}")
     return _TRITON["status"]
 
 
@@ -47,28 +46,29 @@ def _triton_runs_on(device: torch.device) -> tuple[bool, str]:
     ok, why = triton_status()
     if not ok:
         return False, why
-    if device.type == "cuda" or (device.type == "cpu" and why == "interpreted"):
-        return True, ""
-    return False, f"the Triton kernels are {why} and cannot run on {device.type} tensors"
+    be = get_backend("triton")
+    ok, reason = be.available()
+    if not ok:
+        return False, reason
+    if not be.supports(device):
+        return False, f"the Triton kernels are {why} and cannot run on {device.type} tensors"
+    return True, ""
 
 
 def select_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` for tensors on ``device`` (see the module docstring)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("DPPA_KERNELS_BACKEND", "auto").strip().lower()
-        backend = env if env in ("triton", "torch") else "auto"
-        forced = backend != "auto"
-    else:
-        forced = True
-    if backend == "torch":
+    """``"triton"`` or ``"torch"`` (the reference) for tensors on ``device`` (module docstring)."""
+    req = requested(backend)
+    source = "DPPA_KERNELS_BACKEND" if backend == "auto" else "backend"
+    if req in ("torch", "reference"):
         return "torch"
+    if req in ("cpu", "cuda"):
+        raise ValueError(f"{source}={req!r}: the HSM op has no {req} kernel; it runs on 'triton' or 'torch' "
+                         "(or pass backend='auto' with DPPA_KERNELS_BACKEND unset)")
     ok, why = _triton_runs_on(device)
     if ok:
         return "triton"
-    if forced:
-        raise RuntimeError(f"backend='triton' was requested for the HSM op but {why}; "
+    if req == "triton":
+        raise RuntimeError(f"{source}='triton' was requested for the HSM op but {why}; "
                            "pass backend='torch' or 'auto'")
     if device.type == "cuda" and why not in _WARNED:
         _WARNED.add(why)

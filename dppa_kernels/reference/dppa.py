@@ -1,6 +1,6 @@
 """DPPA Dynamic Pruning (DP) allocation and band thresholds from magnitude histograms.
 
-Spec: DPPA.md §2–§5 (arXiv 2403.02799; official ``lib/prune_all.py``). For a 16-bit statistics
+Definition: docs/methods.md, DPPA (arXiv 2403.02799; official ``lib/prune_all.py``). For a 16-bit statistics
 dtype, the 32768-bin histogram of the magnitude key of Δ (rounded to ``stats_dtype``) is a
 sufficient statistic: the mean |Δ|, every outlier count and every band threshold are exact
 functions of it, so the weights are never re-read between the statistics and apply passes.
@@ -103,7 +103,7 @@ def dp_allocate(
     stats_dtype: torch.dtype = torch.bfloat16,
     compat: Optional[str] = None,
 ) -> DPAllocation:
-    """Per-unit densities d_t^(j) = clamp((levels_j) + ℓ_{l(t)} + u_t) (DPPA.md §2).
+    """Per-unit densities d_t^(j) = clamp((levels_j) + ℓ_{l(t)} + u_t) (docs/methods.md).
 
     hists: histogram per unit tensor; layers: layer id per unit tensor (same keys); levels: the
     target densities 1 − s_j of each level (one level for DP, K for K bands).

@@ -12,28 +12,17 @@ from . import sparsify as sp
 
 def sparsify_factor(delta: torch.Tensor, spec: SparsifySpec, *, seed: int = 0, name: str = "",
                     stream: int = 0) -> torch.Tensor:
-    """Per-element factor (float64) of one delta, before any rescale."""
-    m = spec.method
-    if m == "none":
-        return torch.ones(delta.shape, dtype=torch.float64, device=delta.device)
-    if m == "magnitude":
-        return sp.magnitude_factor(delta, spec.density, density1_prunes_min=spec.density1_prunes_min,
-                                   **spec.mask_kwargs())
-    if m == "bands":
-        return sp.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine, **spec.mask_kwargs())
-    if m == "dare":
-        return sp.dare_factor(delta, spec.density, seed, name, stream)
-    if m == "della":
-        return sp.della_factor(delta, spec.density, spec.epsilon, seed, name, stream)
-    if m == "breadcrumbs":
-        return sp.breadcrumbs_factor(delta, spec.density, spec.gamma)
-    raise ValueError(f"unknown sparsification method {m!r}")
+    """Per-element factor (float64) of one delta, before any rescale: the definition held by the
+    spec's sparsifier (``dppa_kernels.methods``)."""
+    from ..methods.registry import get_sparsifier  # the methods build on this package
+
+    return get_sparsifier(spec.method, "spec.method").factor(delta, spec, seed=seed, name=name, stream=stream)
 
 
 def sparsify_ref(delta: torch.Tensor, spec: SparsifySpec, *, seed: int = 0, name: str = "",
-                 stream: int = 0) -> torch.Tensor:
-    """Sparsified (and rescaled) delta in float64."""
-    f = sparsify_factor(delta, spec, seed=seed, name=name, stream=stream)
+                 stream: int = 0, factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sparsified (and rescaled) delta in float64 (``factor``: the sparsifier's, when known)."""
+    f = sparsify_factor(delta, spec, seed=seed, name=name, stream=stream) if factor is None else factor
     scale = sp.rescale_factor(delta, f, spec.rescale, spec.density)
     return delta.to(torch.float64) * f * scale
 
@@ -93,7 +82,12 @@ def merge_ref(
 
     The stream of model i's random draws is i (its position in ``deltas``).
     """
-    vals = [sparsify_ref(d, s, seed=seed, name=name, stream=i) for i, (d, s) in enumerate(zip(deltas, specs))]
+    from ..methods.registry import get_sparsifier
+
+    joint = get_sparsifier(specs[0].method)
+    factors = joint.joint_factors(deltas, specs, weights) if joint.joint else [None] * len(deltas)
+    vals = [sparsify_ref(d, s, seed=seed, name=name, stream=i, factor=f)
+            for i, (d, s, f) in enumerate(zip(deltas, specs, factors))]
     mixed = combine_ref(vals, weights, combine)
     ref = base if base is not None else deltas[0]
     out = mixed if base is None else base.to(torch.float64) + mixed

@@ -1,7 +1,8 @@
 """Which tensors are DPPA "units" and which layer (transformer block) each belongs to.
 
 A unit is a 2-D linear weight inside a numbered block. The defaults cover the usual Hugging Face
-names of Llama, Mistral, Qwen, Gemma, Phi-3 (fused projections: one unit each), GPT-2,
+names of Llama, Mistral, Mixtral and Qwen-MoE experts, Qwen, Gemma, Phi-3 (fused projections: one
+unit each), GPT-2,
 GPT-NeoX, BERT and ViT; pass your own regexes to override.
 """
 
@@ -13,6 +14,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\."
 DEFAULT_UNIT_PATTERN = (
     r"\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|qkv_proj|gate_up_proj"  # Llama family
+    r"|w1|w2|w3"  # Mixtral experts (experts.N.w1/w2/w3)
     r"|c_attn|c_proj|c_fc"  # GPT-2
     r"|query_key_value|dense|dense_h_to_4h|dense_4h_to_h"  # GPT-NeoX, BERT/ViT output dense
     r"|query|key|value|fc1|fc2|out_proj)\.weight$"  # BERT, ViT, OPT/CLIP-style

@@ -5,7 +5,7 @@ the delta by the factor gives the sparsified delta. All random draws come from :
 
 References: TIES (arXiv 2306.01708), DARE (arXiv 2311.03099), DELLA (arXiv 2406.11617),
 breadcrumbs (arXiv 2312.06795), DPPA (arXiv 2403.02799); mergekit ``mergekit/sparsify.py`` and
-PEFT ``peft/utils/merge_utils.py`` for the parameter semantics (see PEERS.md).
+PEFT ``peft/utils/merge_utils.py`` for the parameter semantics (see docs/methods.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,103 @@
+"""DPPA phase B, the allocation: per-unit densities from the histograms (DPPA.md §2, Phase B).
+
+The DP rule itself is the reference's (:func:`reference.dp_allocate`, the definition every path
+uses); this module adds what a whole-model run needs around it: the settings in one place, the
+optional renormalisation after clamping, and the per-model summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from ..ops import dp_densities
+from ..reference.dppa import DPAllocation
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """The DP allocation settings (DPPA.md §9). ``renormalize``: after clamping, shift the
+    densities of every level by one constant so the N-weighted mean is the level again."""
+
+    offset_lambda: float = 0.08
+    outlier_mult_layer: float = 3.0
+    outlier_mult_unit: float = 5.0
+    density_clamp: tuple = (0.0, 1.0)
+    compat: Optional[str] = None
+    renormalize: bool = False
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> "DPSettings":
+        """From config-style parameters (unknown keys ignored; ``compat: none`` means None)."""
+        params = dict(params)
+        if "density_renormalize" in params:  # the config's name of ``renormalize``
+            params["renormalize"] = params.pop("density_renormalize")
+        kw = {f.name: params[f.name] for f in fields(cls) if f.name in params and params[f.name] is not None}
+        if "density_clamp" in kw:
+            kw["density_clamp"] = tuple(float(x) for x in kw["density_clamp"])
+        if kw.get("compat") == "none":
+            kw["compat"] = None
+        if "renormalize" in kw and not isinstance(kw["renormalize"], bool):
+            raise ValueError(f"renormalize must be true or false, got {str(kw['renormalize'])[:40]!r}")
+        return cls(**kw)
+
+    def dp_kwargs(self) -> dict:
+        return {"offset_lambda": self.offset_lambda, "outlier_mult_layer": self.outlier_mult_layer,
+                "outlier_mult_unit": self.outlier_mult_unit, "density_clamp": tuple(self.density_clamp),
+                "compat": self.compat}
+
+
+def _shift_to_mean(raw: list, sizes: list, target: float, lo: float, hi: float) -> list:
+    """clamp(raw + c) with the constant c that makes the size-weighted mean ``target`` (bisection;
+    the mean is monotone in c). Unreachable targets give the nearest reachable mean."""
+    total = float(sum(sizes))
+
+    def mean(c: float) -> float:
+        return sum(n * min(max(d + c, lo), hi) for d, n in zip(raw, sizes)) / total
+
+    a, b = -2.0, 2.0
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if mean(mid) < target:
+            a = mid
+        else:
+            b = mid
+    c = b if abs(mean(b) - target) <= abs(mean(a) - target) else a
+    return [min(max(d + c, lo), hi) for d in raw]
+
+
+def allocate(hists: Mapping[str, torch.Tensor], layers: Mapping[str, object], levels: Sequence[float],
+             settings: DPSettings = DPSettings(), *, stats_dtype: torch.dtype = torch.bfloat16,
+             backend: str = "auto") -> DPAllocation:
+    """The DP allocation of one model (``densities[unit]``: one density per level).
+
+    With ``settings.renormalize`` the clamped densities of each level are shifted so that their
+    N-weighted mean equals the level (as far as the clamp allows); levels stay nested.
+    """
+    alloc = dp_densities(dict(hists), densities=tuple(levels), layers=dict(layers), stats_dtype=stats_dtype,
+                         backend=backend, **settings.dp_kwargs())
+    if settings.renormalize and alloc.clamped:
+        names = list(alloc.densities)
+        sizes = [int(hists[n].sum()) for n in names]
+        lo, hi = settings.density_clamp
+        cols = []
+        for lvl in alloc.levels:
+            raw = [lvl + alloc.layer_offset[layers[n]] + alloc.unit_offset[n] for n in names]
+            cols.append(_shift_to_mean(raw, sizes, lvl, lo, hi))
+        for j in range(1, len(cols)):  # keep the levels nested after the shifts
+            cols[j] = [max(a, b) for a, b in zip(cols[j - 1], cols[j])]
+        for i, n in enumerate(names):
+            alloc.densities[n] = [col[i] for col in cols]
+    return alloc
+
+
+def mean_density(alloc: DPAllocation, sizes: Mapping[str, int]) -> list:
+    """The N-weighted mean of the allocated densities, per level (after clamping)."""
+    total = sum(sizes[n] for n in alloc.densities)
+    if not total:
+        return [math.nan] * len(alloc.levels)
+    return [sum(alloc.densities[n][j] * sizes[n] for n in alloc.densities) / total
+            for j in range(len(alloc.levels))]

@@ -1,0 +1,263 @@
+"""``dppa search CONFIG --eval MODULE:FUNCTION --out DIR``: the α search, then the best merge.
+
+The config is a ``dppa`` / ``dppa_ties`` merge config (the one ``dppa merge`` takes). The
+statistics pass runs once; each candidate is one apply pass, loaded into a model built from the
+base folder, and scored by the evaluator on the user's validation data. The best factors are
+then written into a copy of the config and merged by the engine, so ``DIR`` holds exactly what
+``dppa merge`` writes for them, plus ``search_report.json`` and ``search_scores.png`` (when
+matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Optional
+
+import typer
+
+from ._exit import unexpected
+
+REPORT = "search_report.json"
+PLOT = "search_scores.png"
+# global config keys the in-memory DPPA takes as they are (the rest of a dppa config is per model)
+_SETTINGS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat", "tie_mode",
+             "count_rule", "band_combine", "stats_dtype", "nonunit_mode", "unit_pattern", "layer_pattern")
+
+
+class SearchCliError(Exception):
+    """A bad argument or input, reported as one ``error:`` line."""
+
+
+def load_evaluator(ref: str) -> Callable:
+    """The callable named ``MODULE:FUNCTION``."""
+    mod, sep, fn = ref.partition(":")
+    if not sep or not mod or not fn:
+        raise SearchCliError(f"--eval must be MODULE:FUNCTION (e.g. dppa_kernels.eval:loss), got {ref[:100]!r}")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except ImportError as exc:
+        raise SearchCliError(f"--eval {ref[:100]!r}: cannot import module {mod[:100]!r}: {str(exc)[:200]}") from None
+    except AttributeError:
+        raise SearchCliError(f"--eval {ref[:100]!r}: module {mod[:100]!r} has no {fn[:60]!r}") from None
+    if not callable(obj):
+        raise SearchCliError(f"--eval {ref[:100]!r} is not callable")
+    return obj
+
+
+def parse_eval_args(items: list) -> dict:
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, lists), else kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SearchCliError(f"--eval-arg must be KEY=VALUE, got {item[:100]!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _plain_settings(cfg) -> dict:
+    glob = dict(cfg.parameters or {})
+    out = {}
+    for k in _SETTINGS:
+        if k in glob:
+            v = glob[k]
+            if isinstance(v, (dict, list)) and k != "density_clamp":
+                raise SearchCliError(f"parameter {k} must be one plain value for dppa search, got {str(v)[:80]!r}")
+            out[k] = v
+    if "density_renormalize" in glob:
+        out["renormalize"] = bool(glob["density_renormalize"])
+    return out
+
+
+def build_dppa(cfg, *, device: str, backend: str):
+    """(DPPA over the config's folders, the merge's keyword arguments) for a dppa config."""
+    from .dppa import DPPA
+    from .engine.config import is_dppa
+    from .engine.params import ParamResolver
+    from .engine.plan import DTYPES
+
+    if not is_dppa(cfg.merge_method):
+        raise SearchCliError(f"dppa search needs merge_method dppa or dppa_ties (a DPPA method), got {cfg.merge_method!r}")
+    levels = ParamResolver(cfg, 1).dp_levels()
+    weights = []
+    for m in cfg.models:
+        w = (m.parameters or {}).get("weight", (cfg.parameters or {}).get("weight", 1.0))
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise SearchCliError(f"model {m.model[:80]!r}: weight must be one number for dppa search, got {str(w)[:60]!r}")
+        weights.append(float(w))
+    glob = cfg.parameters or {}
+    lam = glob.get("lambda", 1.0)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise SearchCliError(f"lambda must be one number for dppa search, got {str(lam)[:60]!r}")
+    if "normalize" in glob and bool(glob["normalize"]) != (cfg.merge_method == "dppa_ties"):
+        raise SearchCliError("dppa search merges with the method's default normalize; remove 'normalize'")
+    work = DTYPES[cfg.dtype] if cfg.dtype else None
+    d = DPPA.from_folders(cfg.base_model, [m.model for m in cfg.models], device=device, densities=levels,
+                          dtype=work, backend=backend, **_plain_settings(cfg))
+    out = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    combine = "ties" if cfg.merge_method == "dppa_ties" else "sum"
+    return d, {"combine": combine, "weights": weights, "lam": float(lam), "out_dtype": out}
+
+
+def eval_model(base_dir: str, device: str, progress: bool = True):
+    """The causal LM of the base folder on ``device``, in eval mode (candidates are loaded into it)."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SearchCliError("dppa search evaluates a transformers model: pip install transformers") from None
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype="auto")
+    return model.to(device).eval()
+
+
+def best_config(cfg_dict: dict, best: list) -> dict:
+    """The config with each model's ``alphas`` set to its searched factors."""
+    out = dict(cfg_dict)
+    out["models"] = [dict(m, parameters=dict(m.get("parameters") or {}, alphas=[float(a) for a in b]))
+                     for m, b in zip(cfg_dict["models"], best)]
+    return out
+
+
+def plot_scores(result, path: str, label: str) -> Optional[str]:
+    """A PNG of the score over α₁ (one line per α₂); returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict = {}
+    for row in result.table:
+        a = row["alphas"]
+        groups.setdefault(tuple(a[1:]), []).append((a[0], row["score"]))
+    for rest, pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label="α_lo = " + ", ".join(f"{x:g}" for x in rest) if rest else None)
+    best = result.best[0]
+    ax.scatter([best[0]], [result.best_score], s=160, facecolors="none", edgecolors="red", label="best")
+    ax.set_xlabel("α_hi (top band factor)")
+    ax.set_ylabel(label)
+    ax.set_title(f"DPPA α search ({result.strategy}, {len(result.table)} candidates)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy", max_evals: int = 20,
+               device: str = "cpu", backend: str = "auto", eval_data: Optional[str] = None,
+               tokenizer: Optional[str] = None, eval_args: Optional[dict] = None, force: bool = False,
+               progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Search, merge the best with the engine into ``out``, write the report; returns the report."""
+    import yaml
+
+    from .dppa import SearchError
+    from .engine import MergeOptions, run_merge
+    from .engine.config import load_config
+
+    t0 = time.perf_counter()
+    evaluate = load_evaluator(eval_ref)
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise SearchCliError(f"--out {out[:200]!r} exists and is not empty (pass --force to replace it)")
+    kwargs = dict(eval_args or {})
+    if eval_data is not None:
+        if not os.path.isfile(eval_data):
+            raise SearchCliError(f"--eval-data {eval_data[:200]!r} does not exist")
+        kwargs["data"] = eval_data
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
+    cfg, yaml_text = load_config(config)
+    d, merge_kw = build_dppa(cfg, device=device, backend=backend)
+    t_stats = time.perf_counter() - t0
+    model = eval_model(cfg.base_model, device, progress)
+    higher = getattr(evaluate, "higher_is_better", True)
+
+    def scored(m) -> float:
+        v = evaluate(m, **kwargs)
+        if progress:
+            echo(f"  candidate {len(result_rows) + 1}: score {v}")
+        result_rows.append(v)
+        return v
+    scored.higher_is_better = higher
+    result_rows: list = []
+    try:
+        result = d.search(scored, strategy=strategy, max_evals=max_evals, model=model, **merge_kw)
+    except SearchError as exc:
+        raise SearchCliError(str(exc)) from None
+    t_search = time.perf_counter() - t0 - t_stats
+    del model
+    with tempfile.TemporaryDirectory(prefix="dppa-search-") as tmp:
+        path = os.path.join(tmp, os.path.basename(config) or "config.yml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(best_config(yaml.safe_load(yaml_text), result.best), f, sort_keys=False)
+        t = time.perf_counter()
+        merge_report = run_merge(path, MergeOptions(out=out, device=device, backend=backend, force=force,
+                                                     progress=progress))
+        t_merge = time.perf_counter() - t
+    plot_why = plot_scores(result, os.path.join(out, PLOT), f"{eval_ref} ({'higher' if higher else 'lower'} is better)")
+    total = time.perf_counter() - t0
+    report = {"config": os.path.abspath(config), "evaluator": eval_ref, "eval_kwargs": {k: str(v) for k, v in kwargs.items()},
+              "higher_is_better": bool(higher), "device": device, "backend": d.backend, "max_evals": max_evals,
+              **result.to_json(), "realised_density": dict(zip(d.labels, d.realised_density(result.best))),
+              "allocation": d.summary, "plot": None if plot_why else PLOT, "plot_skipped": plot_why,
+              "timings": {"statistics_s": t_stats, "search_s": t_search, "eval_s": result.eval_seconds,
+                          "outside_eval_share_of_search": 1 - result.eval_seconds / t_search if t_search else None,
+                          "merge_s": t_merge, "total_s": total},
+              "merge_report": "merge_report.json", "merged_realised_density": merge_report["realised_density"]}
+    with open(os.path.join(out, REPORT), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def search(
+    config: str = typer.Argument(..., help="dppa / dppa_ties merge config (the YAML dppa merge takes)"),
+    eval_ref: str = typer.Option(..., "--eval", help="evaluator MODULE:FUNCTION, called as f(model, **kwargs)"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder: the best merge, search_report.json, plot"),
+    strategy: str = typer.Option("greedy", help="greedy (coordinate ascent) or grid"),
+    max_evals: int = typer.Option(20, "--max-evals", help="most candidates evaluated"),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N] (statistics, apply passes, evaluation, merge)"),
+    backend: str = typer.Option("auto", help="auto, torch, cpu, triton or cuda"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="validation file passed as data= (JSONL/text)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder (default: the base's)"),
+    eval_arg: list[str] = typer.Option([], "--eval-arg", help="extra evaluator argument KEY=VALUE (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress output"),
+) -> None:
+    """Search DPPA's band factors on a validation split, then merge with the best into --out."""
+    from .engine import MergeError
+    from .engine.errors import one_line
+
+    def fail(msg: str, code: int = 1) -> None:
+        typer.secho(f"error: {one_line(msg)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code)
+
+    if strategy not in ("greedy", "grid"):
+        fail(f"--strategy must be greedy or grid, got {strategy[:40]!r}", 2)
+    if max_evals < 1:
+        fail(f"--max-evals must be at least 1, got {max_evals}", 2)
+    try:
+        rep = run_search(config, eval_ref=eval_ref, out=out, strategy=strategy, max_evals=max_evals, device=device,
+                         backend=backend, eval_data=eval_data, tokenizer=tokenizer,
+                         eval_args=parse_eval_args(eval_arg), force=force, progress=not no_progress, echo=typer.echo)
+    except (SearchCliError, MergeError, ValueError, TypeError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 (every failure of the command is one line)
+        fail(unexpected(exc))
+    t = rep["timings"]
+    typer.echo(f"best alphas {rep['best_alphas'][0]} (score {rep['best_score']:.6g}) after {len(rep['candidates'])} "
+               f"candidates in {t['search_s']:.1f} s ({100 * (t['outside_eval_share_of_search'] or 0):.1f} % outside "
+               f"the evaluator) -> {out}")
+
