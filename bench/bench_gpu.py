@@ -7,7 +7,8 @@ One run on one GPU:
    4096×4096, 4096×14336 and 128256×4096: ours (cuda, triton) vs ``torch.topk``, ``torch.kthvalue``
    and the ``torch.argsort``-based mask of mergekit's ``magnitude``; µs, GB/s on one read of Δ,
    % of the copy bandwidth, speedup of ours over each baseline;
-3. DELLA keep mask (density 0.3, ε 0.1, per-row ranks) on the same deltas: ours (the Triton kernel,
+3. DELLA keep mask (density 0.3, ε 0.1, per-row ranks) on the same deltas, and for 16-bit dtypes
+   also on rows over 32768 columns (``DELLA_LONG_ROWS``): ours (the Triton kernel,
    through the cuda and triton backends) vs the torch reference path that ops used before it
    (``reference.sparsify.della_factor`` on the GPU tensor) and mergekit's ``della_magprune`` when
    importable; bytes = one read of Δ + one byte of mask per element;
@@ -191,6 +192,10 @@ def _mergekit_della():
                                                   epsilon=epsilon)), ""
 
 
+# rows over the register sort (32768 columns): the counting path of 16-bit keys
+DELLA_LONG_ROWS = [(512, 53248), (1, 1 << 24)]
+
+
 def bench_della(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, density=0.3, epsilon=0.1):
     import torch
 
@@ -201,7 +206,7 @@ def bench_della(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, density
     k1, k2 = rng.stream_keys(0, "bench", 0)
     mk, why = _mergekit_della()
     for dtype in dtypes:
-        for shape in shapes:
+        for shape in shapes + (DELLA_LONG_ROWS if dtype != torch.float32 else []):
             n = shape[0] * shape[1]
             nbytes = n * torch.finfo(dtype).bits // 8 + n  # read Δ, write the bool mask
             xs = _deltas(shape, dtype, _n_buffers(nbytes))

@@ -61,7 +61,7 @@ def _select_levels(be, x, spec: SparsifySpec, ks: Sequence[torch.Tensor], check_
     checks x for NaN/Inf when ``check_as`` names it)."""
     kd = spec.key_dtype or x.dtype
     if (len(ks) > 1 and spec.partition == "tensor" and kd in (torch.bfloat16, torch.float16)
-            and x.numel() >= _HIST_LEVELS_MIN):
+            and x.numel() >= _HIST_LEVELS_MIN and getattr(be, "levels_from_histogram", True)):
         hist = V.histogram_checked(be, x, kd, check_as)  # one pass gives every level
         rows = [R.threshold_from_hist(hist, int(k[0]), kd) for k in ks]
         t = torch.tensor(rows, dtype=torch.int64)  # [K, 3]

@@ -25,8 +25,11 @@ def _cases():
     """(kernel, signature, constexprs[, options[, ptx check]]) of every compiled specialisation."""
     from . import apply as A
     from . import della as DL
+    from . import della_long as DLL
     from . import histogram as H
     from . import select as S
+    from . import select_many as SM
+    import triton.language as tl
 
     sel = {"X_ptr": None, "n": "i64", "part_len": "i64", "n_parts": "i32", "chunk": "i64", "LO_ptr": "*i64",
            "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "HIST_ptr": "*i64", "NF_ptr": "*i64"}
@@ -38,8 +41,17 @@ def _cases():
            {"K_ptr": "*i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32", "DONE_ptr": "*i32", "ABOVE_ptr": "*i64",
             "HIST_ptr": "*i64", "OUT_ptr": "*i64", "n_parts": "i32", "key_end": "i64"},
            dict(NBINS=S.NB, LOGB=S.LOG_NB, BLOCK_P=16), {"num_warps": 4}, LOADS_THEN_BARRIER)
+    for dt, mode, nbits in ((tl.bfloat16, 0, 15), (tl.float32, 1, 31), (tl.float32, 2, 15)):
+        yield (SM._select_many_kernel, {"PTRS": "*i64", "NS": "*i64", "KS": "*i64", "OUT": "*i64", "T": "i32",
+                                        "nf_key": "i64"},
+               dict(X_DTYPE=dt, KEY_MODE=mode, NBITS=nbits, PASSES=SM.passes(nbits), BLOCK=1024), {"num_warps": 4})
+    for xt in ("*fp32", "*bf16"):
+        yield (S._collect_kernel, {"X_ptr": xt, "n": "i64", "chunk": "i64", "LO_ptr": "*i64", "SHIFT_ptr": "*i32",
+                                   "DONE_ptr": "*i32", "ABOVE_ptr": "*i64", "CAND_ptr": "*i32", "CNT_ptr": "*i64",
+                                   "cap": "i64"}, dict(KEY_MODE=1, BLOCK=2048, NBINS=S.NB), {"num_warps": 4})
     for xt, mode in (("*fp16", 0), ("*fp32", 2)):
-        yield H._hist15_kernel, {"X_ptr": xt, "n": "i64", "H_ptr": "*i64"}, dict(KEY_MODE=mode, BLOCK=1024)
+        yield (H._hist15_kernel, {"X_ptr": xt, "n": "i64", "chunk": "i64", "H_ptr": "*i64"},
+               dict(KEY_MODE=mode, LOG_BLOCK=H.LOG_BLOCK))
     # apply: TIES of 3 magnitude-pruned bf16 deltas (one ranked per-row level), DPPA bands, DARE+mask
     configs = [
         (("*bf16",) * 3, (1, 1, 1), (0, 0, 0), (1, 1, 1), (1, 0, 0), (1, 0, 0), 1, "*bf16", True),
@@ -71,6 +83,13 @@ def _cases():
         yield (DL._della_sort_kernel, dict(dsig, X_ptr=xt),
                dict(ones, KEY_MODE=mode, KEY_BITS=nbits, WIDE=nbits + log_block > 30, LOG_ROWS=log_rows,
                     LOG_BLOCK=log_block), dict(num_warps=warps, enable_fp_fusion=False), FP64_NO_FMA)
+    for xt in ("*bf16", "*fp16"):
+        lsig = {"X_ptr": xt, "row0": "i64", "cols": "i64", "seg": "i64", "n_seg": "i32"}
+        yield (DLL._della_long_count_kernel, dict(lsig, H_ptr="*i32"), dict(KEY_MODE=0, LOG_BLOCK=11),
+               {"num_warps": 8})
+    yield (DLL._della_long_rank_kernel, dict(lsig, R_ptr="*i32", OUT_ptr="*u8", lo_bits="i64", span_bits="i64",
+                                             k1="i64", k2="i64"), dict(KEY_MODE=0, LOG_BLOCK=11),
+           dict(num_warps=8, enable_fp_fusion=False), FP64_NO_FMA)
     yield (DL._della_ranked_kernel, {"ORDER_ptr": "*i64", "OUT_ptr": "*u8", "base": "i64", "n": "i64", "cols": "i32",
                                      "lo_bits": "i64", "span_bits": "i64", "k1": "i64", "k2": "i64"},
            dict(BLOCK=DL.RANKED_BLOCK), dict(num_warps=4, enable_fp_fusion=False), FP64_NO_FMA)

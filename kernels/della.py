@@ -18,9 +18,12 @@ Two paths, both exact:
   columns get the largest composite and sort last. ``tl.sort`` is not used: its xor reduction runs
   one Python call per element in the interpreter (≈ 8 s for 4096 elements); ``_sort_rows`` is the
   same network with a sum reduction (vectorised there, the same cost on the GPU).
-* ``ranked`` (longer rows, e.g. a large 1-D tensor, or a tile over the shared-memory budget): a
-  stable ``torch.sort`` of int32 keys per row gives the order (rows in batches of about
-  ``RANKED_BATCH`` elements); a Triton kernel maps each sorted position to its element.
+* ``counting`` (longer bf16/fp16 rows, e.g. a large 1-D tensor, or a tile over the shared-memory
+  budget): ranks from per-segment key counts and tile sorts, no sort of the row
+  (``kernels.della_long``).
+* ``ranked`` (longer fp32 rows: 31-bit keys cannot be counted): a stable ``torch.sort`` of int32
+  keys per row gives the order (rows in batches of about ``RANKED_BATCH`` elements); a Triton
+  kernel maps each sorted position to its element.
 
 float64 exactness on the GPU: triton contracts ``a * b + c`` into an fma by default (LLVM fp-op
 fusion and ptxas ``--fmad=true``: the sm_90 PTX of ``lo + rn * span`` is ``fma.rn.f64``), which
@@ -31,7 +34,8 @@ The division is ``div.rn.f64`` (IEEE) and p · 2^32 is exact. ``bits < floor(t)`
 floats as fp32, so the float64 scalars travel as their int64 bit patterns.
 
 Extra memory: ``sort`` path none per element (the bool output only; rows live in registers and
-ROWS·BLOCK·(4 or 8) bytes of shared memory). ``ranked`` path, per element of the current row
+ROWS·BLOCK·(4 or 8) bytes of shared memory). ``counting`` path: ≤ 4 B per element of a row batch
+(``kernels.della_long``). ``ranked`` path, per element of the current row
 batch: int32 key (4 B) + sorted int32 keys (4 B) + int64 order (8 B) + torch.sort's workspace
 (about 16 B on CUDA): about 32 B per element, for at most ``max(RANKED_BATCH, cols)`` elements at
 a time (512 MB at the default batch).
@@ -40,6 +44,7 @@ a time (512 MB at the default batch).
 from __future__ import annotations
 
 import struct
+from typing import Optional
 
 import torch
 import triton
@@ -177,12 +182,15 @@ def _keys32(x: torch.Tensor) -> torch.Tensor:
 
 
 def della_mask(delta: torch.Tensor, density: float, epsilon: float, k1: int, k2: int,
-               max_sort: int = MAX_SORT, ranked_batch: int = RANKED_BATCH) -> torch.Tensor:
+               max_sort: int = MAX_SORT, ranked_batch: int = RANKED_BATCH,
+               segment: Optional[int] = None, tile: Optional[int] = None) -> torch.Tensor:
     """Bool keep mask of Δ's shape on Δ's device (``backends.base`` ``della_mask``).
 
     Rows of at most ``max_sort`` columns whose tile fits the device's shared memory take the sort
-    path (H100: bf16/fp16 rows up to 32768, fp32 up to 16384; 99 KB devices: 16384 / 8192), longer
-    rows the ranked path, ``ranked_batch`` elements of rows at a time (tests lower both).
+    path (H100: bf16/fp16 rows up to 32768, fp32 up to 16384; 99 KB devices: 16384 / 8192); longer
+    bf16/fp16 rows the counting path (``kernels.della_long``, segments of ``segment`` columns),
+    longer fp32 rows the ranked path, ``ranked_batch`` elements of rows at a time (tests lower
+    ``max_sort``, ``ranked_batch``, ``segment`` and its ``tile``).
     """
     if delta.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"della_mask takes float32, bfloat16 or float16 deltas, got {delta.dtype}")
@@ -206,6 +214,11 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, k1: int, k2:
         _della_sort_kernel[(grid,)](x, o8, n_rows, cols, lo, span, k1, k2, KEY_MODE=mode, KEY_BITS=nbits,
                                     WIDE=nbits + log_block > 30, LOG_ROWS=log_rows, LOG_BLOCK=log_block,
                                     num_warps=warps, enable_fp_fusion=False)
+        return out
+    if nbits == 15:
+        from .della_long import della_mask_long
+
+        della_mask_long(x, o8, cols, n_rows, mode, lo, span, k1, k2, segment, tile)
         return out
     x2 = x.reshape(n_rows, cols)
     per = max(1, ranked_batch // cols)

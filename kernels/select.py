@@ -12,11 +12,21 @@ single key: τ = that key, c_above = #key > τ, c_eq = #key == τ (exact, tie-fr
 Passes: ceil(bits/6) from the full range (bf16/fp16: 3, fp32: 6). For one large partition
 (``partition="tensor"``) a strided sample of the keys is sorted first and the window starts at the
 sample bracket ranks k·n_s/N ± (6σ + 8) (sample-bracket-then-count): bf16 usually
-resolves in one count pass, fp32 in three; a missed bracket costs at most the full-range passes.
-The number of launches is fixed; finished partitions skip their loads.
+resolves in one count pass; a missed bracket costs at most the full-range passes. The number of
+launches is fixed; finished partitions skip their loads.
+
+31-bit keys (fp32) of one partition finish in two passes over x: after the first count pass has
+narrowed the window to one bin, a *collect pass* counts the keys above the window and appends the
+keys inside it to a candidate buffer (one atomic per tile for the offset); the (k − above)-th
+largest candidate, found by a device sort of the buffer, is τ. The buffer holds max(64 K, n/512)
+keys when the bracket was sampled (its window then holds about n·2δ/(n_s·64) keys), all of x
+otherwise (x below 1 M elements). A window that overflows it (a heavy tie) or misses the k-th key
+continues with the count passes, so the result is exact either way. Rows and blocks of 31-bit keys
+still take the full-range passes (6).
 
 Extra memory: per partition 64 + 8 int64 (≈ 0.6 KB), plus the n_s-element sample (≤ 64 K keys)
-for the tensor partition; nothing per element.
+for the tensor partition, plus the 31-bit candidate buffer (4 B per slot, with its sort's
+temporaries).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ NB = 64  # bins per count pass
 LOG_NB = 6
 SAMPLE = 1 << 16  # sample size of the tensor-partition bracket
 SAMPLE_MIN_N = 1 << 20  # below this a sample does not pay for itself
+CANDIDATES_MIN = 1 << 16  # least capacity of the 31-bit collect pass (n / 512 above 32 M elements)
 
 
 @triton.jit
@@ -147,6 +158,53 @@ def _window_update_kernel(K_ptr, LO_ptr, SHIFT_ptr, DONE_ptr, ABOVE_ptr, HIST_pt
     tl.store(OUT_ptr + 2 * n_parts + p, hb, mask=finish)
 
 
+@triton.jit
+def _collect_kernel(X_ptr, n, chunk, LO_ptr, SHIFT_ptr, DONE_ptr, ABOVE_ptr, CAND_ptr, CNT_ptr, cap,
+                    KEY_MODE: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr):
+    """Collect pass of one partition: ABOVE += #key >= window top, and every key inside the window
+    [lo, lo + NBINS·2^shift) is appended to CAND (int32) at an atomic counter CNT (the count goes on
+    past ``cap``; what does not fit is not written). Program s covers [s·chunk, (s+1)·chunk)."""
+    s = tl.program_id(0).to(tl.int64)
+    done = tl.load(DONE_ptr)
+    lo = tl.load(LO_ptr)
+    top = lo + (tl.full((), NBINS, tl.int64) << tl.load(SHIFT_ptr).to(tl.int64))
+    start = s * chunk
+    end = tl.where(done == 0, tl.minimum(start + chunk, n), start)
+    above = tl.zeros((), tl.int64)
+    c = start
+    while c < end:
+        offs = c + tl.arange(0, BLOCK)
+        ok = offs < end
+        key = magnitude_key(tl.load(X_ptr + offs, mask=ok, other=0), KEY_MODE).to(tl.int64)
+        above += tl.sum((ok & (key >= top)).to(tl.int64), 0)
+        inside = ok & (key >= lo) & (key < top)
+        m = inside.to(tl.int64)
+        nin = tl.sum(m, 0)
+        base = tl.atomic_add(CNT_ptr, nin, mask=nin > 0, sem="relaxed")
+        pos = base + tl.cumsum(m, 0) - m
+        tl.store(CAND_ptr + pos, key.to(tl.int32), mask=inside & (pos < cap))
+        c += BLOCK
+    tl.atomic_add(ABOVE_ptr, above, mask=above > 0, sem="relaxed")
+
+
+def _finish_from_candidates(cand, cnt, kk, above, done, out) -> None:
+    """Finish a one-partition select from its collected window (all on the device, no sync).
+
+    Valid when every window key was collected and the k-th largest key lies in the window; then
+    τ = the (k − above)-th largest candidate, c_above = above + #cand > τ, c_eq = #cand == τ. Otherwise
+    the state is left for the next count pass. ABOVE is reset either way (the count passes add to it).
+    """
+    cap = cand.numel()
+    vals = torch.sort(cand, descending=True).values  # unfilled slots hold -1: they sort last
+    a, k, c = above[:1], kk[:1], cnt[:1]
+    tau = vals.gather(0, (k - a - 1).clamp(0, cap - 1)).to(torch.int64)
+    ok = (done[:1] == 0) & (c <= cap) & (k > a) & (k <= a + c)
+    found = torch.stack([tau, a + (cand > tau).sum().reshape(1), (cand == tau).sum().reshape(1)])
+    out[:3, :1] = torch.where(ok, found, out[:3, :1])
+    done[:1] = torch.where(ok, torch.ones_like(done[:1]), done[:1])
+    above.zero_()
+
+
 def _config(part_len: int, n_parts: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK, SPLIT, chunk): tile shape and how a partition is split across programs."""
     if interpreting():
@@ -189,11 +247,13 @@ def _sample_window(x: torch.Tensor, k: int, key_dtype, nbits: int, sample: int):
 
 def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optional[int],
            key_dtype=None, sample: Optional[int] = None, sample_min_n: Optional[int] = None,
-           check_finite: bool = False):
+           check_finite: bool = False, candidate_cap: Optional[int] = None):
     """(τ, c_above, c_eq) int64 CPU tensors of length P (``backends.base`` ``select``), and with
     ``check_finite`` a fourth: the number of NaN/Inf elements of x (counted in the first pass).
 
     τ = k-th largest magnitude key of its partition (no-keep key 1 << bits when k = 0).
+    ``sample``, ``sample_min_n``, ``candidate_cap``: override the bracket sample and the capacity of
+    the 31-bit collect pass (tests force both paths and their misses with them).
     """
     mode, nbits = key_mode(x.dtype, key_dtype)
     n = x.numel()
@@ -213,9 +273,17 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
     passes = -(-nbits // LOG_NB)
     sample = sample or SAMPLE
     kmax = int(k.max()) if k.numel() else 0
-    if n_parts == 1 and n >= (sample_min_n or SAMPLE_MIN_N) and n >= 4 * sample and 0 < kmax:
+    sampled = n_parts == 1 and n >= (sample_min_n or SAMPLE_MIN_N) and n >= 4 * sample and 0 < kmax
+    if sampled:
         lo, shift = _sample_window(x, int(k[0]), key_dtype or x.dtype, nbits, sample)
         passes += 1  # a missed bracket: one wasted pass, then the full-range passes
+    cand = None
+    if nbits == 31 and n_parts == 1 and 0 < kmax:
+        # 31-bit keys: after the first count pass, collect the keys of the narrowed window and
+        # finish from them (2 passes over x); unsampled tensors are small, so all of x fits
+        cap = min(n, candidate_cap or (max(next_pow2(n >> 9), CANDIDATES_MIN) if sampled else n))
+        cand = torch.full((cap,), -1, dtype=torch.int32, device=dev)
+        cnt = torch.zeros(1, dtype=torch.int64, device=dev)
     above = torch.zeros(n_parts, dtype=torch.int64, device=dev)
     hist = torch.zeros(n_parts * NB, dtype=torch.int64, device=dev)
     rows, block, split, chunk = _config(part_len, n_parts, n, dev)
@@ -230,6 +298,13 @@ def select(x: torch.Tensor, k: torch.Tensor, partition: str, block_size: Optiona
                                    CHECK=bool(check_finite and i == 0), num_warps=warps)
         _window_update_kernel[ugrid](kk, lo, shift, done, above, hist, out, n_parts, 1 << nbits,
                                      NBINS=NB, LOGB=LOG_NB, BLOCK_P=block_p)
+        if i == 0 and cand is not None:
+            _collect_kernel[(split,)](x, n, chunk, lo, shift, done, above, cand, cnt, cand.numel(), KEY_MODE=mode,
+                                      BLOCK=block, NBINS=NB, num_warps=warps)
+            _finish_from_candidates(cand, cnt, kk, above, done, out)
+            cand = None
+            if bool(done.all()):  # one sync; the rare miss (bracket or capacity) goes on counting
+                break
     res = out.cpu()  # the one synchronisation: the result must reach the host
     if check_finite:
         return res[0], res[1], res[2], res[3, 0]

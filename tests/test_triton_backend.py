@@ -22,6 +22,7 @@ import dppa_kernels as dk  # noqa: E402
 from dppa_kernels.backends.base import ApplyPlan  # noqa: E402
 from dppa_kernels.backends.torch_backend import TorchBackend  # noqa: E402
 from dppa_kernels.reference import rng  # noqa: E402
+from dppa_kernels.reference.dppa import histogram_ref  # noqa: E402
 from dppa_kernels.reference.threshold import magnitude_mask_ref, magnitude_threshold_ref  # noqa: E402
 from dppa_kernels.spec import CombineSpec  # noqa: E402
 
@@ -29,6 +30,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
 from dppa_kernels.kernels import apply as kapply  # noqa: E402
+from dppa_kernels.kernels import histogram as khist  # noqa: E402
 from dppa_kernels.kernels import select as kselect  # noqa: E402
 from dppa_kernels.kernels.common import hash_bits  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -83,6 +85,50 @@ def test_select_sample_bracket_path(dtype, density):
     assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")]
 
 
+class _Launches:
+    """Counts the launches of a Triton kernel (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.999, 1.0])
+@pytest.mark.parametrize("path", ["sampled", "unsampled", "over_capacity"])
+def test_select_fp32_keys_in_two_passes(dtype, density, path, monkeypatch):
+    # 31-bit keys: one count pass, one collect pass, then the window's keys finish on the device;
+    # a window holding more keys than the capacity goes on with the count passes (still exact)
+    x = _dev(quantised_delta((16411,), dtype, levels=50) + realistic_delta((16411,), dtype, sigma=1e-3))
+    x[5:900] = 0  # a heavy tie at key 0
+    count = _Launches(kselect._window_count_kernel)
+    collect = _Launches(kselect._collect_kernel)
+    monkeypatch.setattr(kselect, "_window_count_kernel", count)
+    monkeypatch.setattr(kselect, "_collect_kernel", collect)
+    kw = dict(unsampled={}, sampled=dict(sample=512, sample_min_n=4096),
+              over_capacity=dict(sample=512, sample_min_n=4096, candidate_cap=4))[path]
+    ref = magnitude_threshold_ref(x.cpu(), density, key_dtype=torch.float32)
+    got = kselect.select(x, ref["k"], "tensor", None, torch.float32, **kw)
+    assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")]
+    assert collect.n == 1
+    if path != "over_capacity":
+        assert count.n == 1
+    elif density == 0.3:
+        assert count.n > 1  # the window around the median holds more than 4 keys
+
+
+def test_select_fp32_keys_check_finite_and_k0():
+    x = realistic_delta((5000,), torch.float32, sigma=1e-3)
+    ref = magnitude_threshold_ref(x, 0.0)
+    got = kselect.select(_dev(x), ref["k"], "tensor", None, None, check_finite=True)
+    assert [int(t) for t in got] == [int(ref[k]) for k in ("tau_key", "c_above", "c_eq")] + [0]
+    x[4321] = float("nan")
+    assert int(kselect.select(_dev(x), torch.tensor([7]), "tensor", None, None, check_finite=True)[3]) == 1
+
+
 def test_select_all_equal_and_all_zero():
     for x in (torch.full((3000,), 0.5), torch.zeros(3000)):
         ref = magnitude_threshold_ref(x, 0.4)
@@ -91,6 +137,14 @@ def test_select_all_equal_and_all_zero():
 
 
 # ---------------------------------------------------------------- histogram
+
+
+def test_histogram_runs_across_tiles_and_programs():
+    # few distinct keys: every tile adds long runs, one atomic each, from several programs
+    x = quantised_delta((5, 123, 123), torch.bfloat16, levels=5)
+    x[0] = realistic_delta((123, 123), torch.bfloat16, sigma=1e-3)
+    got = khist.histogram(_dev(x), torch.bfloat16, tiles_per_program=1)
+    assert torch.equal(got, histogram_ref(x, torch.bfloat16))
 
 
 # ---------------------------------------------------------------- apply: masks exact
@@ -118,6 +172,16 @@ def test_bands_codes_exact(dtype):
                   partition=partition, block_size=300)
         got = dk.prune(_dev(x), "bands", backend="triton", **kw).cpu()
         assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), (tie_mode, partition)
+
+
+def test_bands_of_a_large_tensor_select_per_level(monkeypatch):
+    # Triton plans the levels of a large bf16 tensor with one select each, not a histogram
+    x = realistic_delta((257, 300), torch.bfloat16, sigma=2e-3)  # above plans._HIST_LEVELS_MIN
+    monkeypatch.setattr(TritonBackend, "histogram", lambda *a, **k: pytest.fail("histogram used"))
+    for tie_mode in ("exact_k", "gt"):
+        kw = dict(densities=(0.1, 0.4), alphas=(2.0, 1.0), band_combine="direct", tie_mode=tie_mode)
+        got = dk.prune(_dev(x), "bands", backend="triton", **kw).cpu()
+        assert torch.equal(got, dk.prune(x, "bands", backend="reference", **kw)), tie_mode
 
 
 @triton.jit

@@ -151,10 +151,42 @@ def test_non_contiguous_input():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ranked_path_matches(dtype):
-    # rows longer than max_sort go through torch.sort + the ranked kernel, in batches of rows
+    # rows longer than max_sort: fp32 through torch.sort + the ranked kernel, in batches of rows;
+    # bf16/fp16 through the counting path
     x = quantised_delta((5, 3, 301), dtype, levels=40) + realistic_delta((5, 3, 301), dtype, sigma=1e-3)
     _check(x, 0.4, 0.15, seed=2, max_sort=256, ranked_batch=1000)  # 3 rows per batch
     _check(x.reshape(-1), 0.6, 0.1, seed=3, max_sort=256)  # one long 1-D row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("segment,tile", [(None, None), (1024, 1024), (2048, 512)], ids=str)
+def test_counting_path_matches_without_sorting_rows(dtype, segment, tile, monkeypatch):
+    # long 16-bit rows: ranks from per-segment key counts and tile sorts (several tiles per
+    # segment, several segments per row), ties across tiles and segments ranked by column
+    x = quantised_delta((3, 5001), dtype, levels=40) + realistic_delta((3, 5001), dtype, sigma=1e-3)
+    x[1, :3000] = 0.25
+    x[2, ::7] = -0.0
+    ref = [_ref_mask(x, 0.4, 0.15, 2, "w"), _ref_mask(x[2], 0.6, 0.1, 3, "w")]
+
+    def no_sort(*a, **k):
+        raise AssertionError("the counting path sorted a row with torch.sort")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    k1, k2 = rng.stream_keys(2, "w", 0)
+    got = kdella.della_mask(x.to(DEVICE), 0.4, 0.15, k1, k2, max_sort=256, segment=segment, tile=tile)
+    assert torch.equal(got.cpu(), ref[0])
+    k1, k2 = rng.stream_keys(3, "w", 0)  # one 1-D row
+    got = kdella.della_mask(x[2].to(DEVICE), 0.6, 0.1, k1, k2, max_sort=256, segment=segment, tile=tile)
+    assert torch.equal(got.cpu(), ref[1])
+
+
+def test_counting_path_plan():
+    from dppa_kernels.kernels import della_long as L
+
+    lb, seg, n_seg, rows = L.plan(40000, 10_000, tile=2048)
+    assert (lb, seg, n_seg) == (11, L.SEGMENT_MIN, 1) and rows * n_seg * L.KEYS * 4 <= L.SCRATCH_BYTES
+    lb, seg, n_seg, rows = L.plan(1 << 30, 1, tile=2048)
+    assert n_seg <= L.MAX_SEGMENTS and seg % 2048 == 0 and n_seg * seg >= 1 << 30 and rows == 1
 
 
 def test_shared_memory_budget_selects_ranked_path(monkeypatch):
@@ -305,7 +337,7 @@ def test_della_kernels_compile_for_sm90_without_fma():
     r = subprocess.run([sys.executable, "-m", "dppa_kernels.kernels.compile_check", "90", "della"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 5 Triton kernels" in r.stdout
+    assert "compiled 8 Triton kernels" in r.stdout
     assert "as launched: 0" in r.stdout
 
 

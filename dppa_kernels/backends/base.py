@@ -40,6 +40,11 @@ Primitives
 Optional: ``della_mask(delta, density, epsilon, k1, k2) -> bool tensor`` (see
 ``reference.sparsify.della_factor``); backends without it get the reference's mask.
 
+Optional: ``select_many(xs, ks, key_dtype, *, check_finite=False) -> (tau_key, c_above, c_eq)``:
+``select`` with ``partition="tensor"`` of every tensor of the list ``xs`` (one dtype and device,
+small tensors) at keep count ``ks[t]``, in one launch; int64 CPU tensors of length T.
+``check_finite``: raise NonFiniteInput(indices of the tensors holding a NaN/Inf key).
+
 Plan kinds (``ApplyPlan.kind``)
 -------------------------------
 ``dense``       f = 1.
@@ -131,3 +136,8 @@ class Backend:
         raise NotImplementedError
 
     della_mask = None
+    select_many = None
+
+    # Whether several levels of one 16-bit-keyed tensor are best planned from one histogram
+    # (``plans``): true where the histogram costs about one read (CPU, CUDA shared memory).
+    levels_from_histogram = True

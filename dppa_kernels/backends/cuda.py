@@ -12,7 +12,8 @@
 * ``apply`` / ``abs_sums``: the fused Triton kernels when triton is available, else the torch backend
   (the merge pass is elementwise: CUDA C++ would not beat the Triton kernel by much).
 * ``della_mask``: the Triton kernel (``kernels.della``) when triton is available; otherwise the
-  attribute is None and ``ops`` uses the reference's mask.
+  attribute is None and ``ops`` uses the reference's mask. ``select_many`` likewise
+  (``kernels.select_many``).
 
 The extension takes raw pointers, sizes and the current CUDA stream as an integer; tensors are
 validated and allocated here (torch's caching allocator, on the current stream). Launches happen
@@ -129,6 +130,12 @@ class CudaBackend(Backend):
 
     def abs_sums(self, delta, plan):
         return self._elementwise().abs_sums(delta, plan)
+
+    @property
+    def select_many(self):
+        """The Triton backend's one-launch ``select_many``, or None without triton."""
+        fb = self._elementwise()
+        return fb.select_many if fb.name == "triton" else None
 
     @property
     def della_mask(self):

@@ -3,12 +3,14 @@
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (the CI configuration). Kernels launch on the current stream of the tensor's device under
 a device guard; the only synchronisations are the copies of results that must reach the host
-(select's τ/counts, the histogram, the L1 sums). No global mutable state.
+(select's τ/counts, the histogram, the L1 sums) and, for fp32 keys, whether select's collect pass
+finished. No global mutable state.
 
-Extra memory per call (no per-element temporaries): select O(P) int64 + a ≤ 64 K-key sample;
+Extra memory per call (no per-element temporaries): select O(P) int64 + a ≤ 64 K-key sample (fp32
+keys: + a candidate buffer of max(64 K, n/512) int32, all of x below 1 M elements);
 histogram 256 KB; apply O(P·K + N/BLOCK) int64 of plan metadata; the output. ``della_mask``: the
-bool mask only for rows sorted on-chip; about 32 B per element of a row batch for longer rows
-(``kernels.della``).
+bool mask only for rows sorted on-chip; for longer rows 2–4 B (bf16/fp16) or about 32 B (fp32) per
+element of a row batch (``kernels.della``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def _import_kernels():
     from ..kernels import della as kdella
     from ..kernels import histogram as khist
     from ..kernels import select as kselect
+    from ..kernels import select_many as kmany
 
-    return kselect, khist, kapply, kdella
+    return kselect, khist, kapply, kdella, kmany
 
 
 def _interpreting() -> bool:
@@ -40,6 +43,9 @@ def _guard(t: torch.Tensor):
 
 class TritonBackend(Backend):
     name = "triton"
+    # Its histogram does one global atomic per element, and realistic deltas put most keys into
+    # a few hot bins, where the atomics serialise: one exact select per level costs far less.
+    levels_from_histogram = False
 
     def __init__(self):
         self._mods = None
@@ -68,6 +74,16 @@ class TritonBackend(Backend):
                 raise NonFiniteInput((0,))
             return res[:3]
         return res
+
+    def select_many(self, xs, ks, key_dtype, *, check_finite=False):
+        if not xs:
+            z = torch.zeros(0, dtype=torch.int64)
+            return z, z.clone(), z.clone()
+        with _guard(xs[0]):
+            res = self._mods[4].select_many(xs, ks, key_dtype)
+        if check_finite and bool(res[3].any()):
+            raise NonFiniteInput(res[3].nonzero().flatten().tolist())
+        return res[0], res[1], res[2]
 
     def histogram(self, x, stats_dtype):
         with _guard(x):
