@@ -1,4 +1,4 @@
-"""DPPA phase B, the allocation: per-unit densities from the histograms (DPPA.md §2, Phase B).
+"""DPPA phase B, the allocation: per-unit densities from the histograms.
 
 The DP rule itself is the reference's (:func:`reference.dp_allocate`, the definition every path
 uses); this module adds what a whole-model run needs around it: the settings in one place, the
@@ -20,7 +20,7 @@ from .defaults import check_compat
 
 @dataclass(frozen=True)
 class DPSettings:
-    """The DP allocation settings (DPPA.md §9). ``renormalize``: after clamping, shift the
+    """The DP allocation settings. ``renormalize``: after clamping, shift the
     densities of every level by one constant so the N-weighted mean is the level again."""
 
     offset_lambda: float = 0.08

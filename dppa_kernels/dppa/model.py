@@ -9,7 +9,7 @@
 Construction runs phase A (one histogram per unit and model) and phase B (the DP allocation) and
 caches, per model and unit, every level's threshold and tie budget (:class:`UnitBands`). An
 ``apply`` / ``merge`` call only builds plans from that cache and runs the fused apply pass
-(DPPA.md §5–§6). Tensors stay on the device they came on (CPU or CUDA); deltas are kept in the
+(docs/dppa.md). Tensors stay on the device they came on (CPU or CUDA); deltas are kept in the
 promoted dtype of base and fine-tuned tensor (bf16, fp16 or fp32).
 """
 

@@ -1,4 +1,4 @@
-"""The α search of DPPA (DPPA.md §6): band factors chosen on the caller's validation data.
+"""The α search of DPPA: band factors chosen on the caller's validation data.
 
 Only the apply pass runs per candidate (the statistics are cached in the :class:`DPPA` object).
 

@@ -1,6 +1,6 @@
 """Per-unit band thresholds and tie budgets from one histogram, and the apply plans built on them.
 
-For a 16-bit statistics dtype the histogram is a sufficient statistic (DPPA.md §5): every level's
+For a 16-bit statistics dtype the histogram is a sufficient statistic: every level's
 threshold key τ_j, the counts above and at τ_j, and so the kept count of any factor choice, are
 exact without re-reading the delta. A :class:`UnitBands` is computed once per (model, unit); the
 α search then only swaps the factors of its plan.
@@ -69,6 +69,6 @@ class UnitBands:
 
 
 def factors_of(alphas: Sequence[float], band_combine: str) -> tuple:
-    """Per-level factors of band ``alphas`` (DPPA.md §3: ``max`` or ``direct``)."""
+    """Per-level factors of band ``alphas`` (``max`` or ``direct``, docs/methods.md)."""
     return tuple(float(f) for f in band_factors(tuple(alphas), band_combine))
 
