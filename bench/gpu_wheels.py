@@ -57,6 +57,7 @@ WAIVED = {"datasets": "declared by mergekit 0.1.5 but imported by none of its mo
 NOT_CARRIED = {
     "fusion_bench": "its integration tests skip when it is absent; too large to carry (and its deps)",
     "lm_eval": "imported only by the optional lm-eval evaluator, never by a GPU test or benchmark",
+    "omegaconf": "imported only by the FusionBench integration, which comes with fusion_bench",
     "ray": "imported only by the optional ray executor, whose tests skip without it",
 }
 # mergekit modules run on the GPU machine besides those our code imports: mergekit-yaml's entry.
