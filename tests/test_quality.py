@@ -30,6 +30,7 @@ def test_quick_run_writes_tables_plots_and_results(quick_run):
     text = (out / "README.md").read_text()
     for name in [*M.PRUNE_METHODS, *M.MERGE_METHODS]:
         assert f"| {name} |" in text
+    assert "| base (every delta dropped) |" in text and "## Share of the fine-tuning gain kept" in text
     rows = results["retention"]
     assert len(rows) == len(QUICK.tasks) * len(QUICK.densities) * len(M.PRUNE_METHODS)
     for r in rows:

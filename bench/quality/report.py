@@ -46,6 +46,12 @@ def _chosen_prune(chosen: Mapping[str, Mapping]) -> str:
     return ""
 
 
+def _gain_kept(row: Mapping, reference: Mapping) -> float:
+    """(accuracy − base) / (expert − base) of a retention row; NaN when the expert does not beat the base."""
+    base, expert = reference["base"][row["task"]], row["expert_accuracy"]
+    return (row["test_accuracy"] - base) / (expert - base) if expert > base else float("nan")
+
+
 def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[Mapping],
              merging: Sequence[Mapping], run: Mapping) -> str:
     tasks, dens = list(cfg.tasks), list(cfg.densities)
@@ -79,7 +85,17 @@ def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[
             f"(≤ {cfg.alpha_evals} candidates; α_lo = 0 keeps d/2 only). magnitude × factor: one global factor "
             f"from {list(cfg.factor_grid)} chosen on validation. "
             "Pruning acts on the linear weights inside decoder blocks; embeddings, norms and lm_head keep "
-            "their dense deltas.\n", "## Retention per task\n",
+            "their dense deltas.\n",
+            "## Share of the fine-tuning gain kept, mean over tasks\n",
+            "(pruned − base) / (expert − base) on test: 1 keeps the whole gain of fine-tuning, 0 is the base. "
+            "With small deltas the base already solves much of each task, so this separates the methods "
+            "more than retention does.\n",
+            "| method | " + " | ".join(f"density {d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
+    for m in methods:
+        cells = [_mean(_gain_kept(r, reference) for r in retention if r["method"] == m and r["density"] == d)
+                 for d in dens]
+        out.append(f"| {m} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    out += ["", "## Retention per task\n",
             "| method | density | " + " | ".join(tasks) + " | chosen on validation |",
             "|---|---|" + "---|" * (len(tasks) + 1)]
     for m in methods:
