@@ -30,6 +30,7 @@ def test_quick_run_writes_tables_plots_and_results(quick_run):
     text = (out / "README.md").read_text()
     for name in [*M.PRUNE_METHODS, *M.MERGE_METHODS]:
         assert f"| {name} |" in text
+    assert "| base (every delta dropped) |" in text and "## Share of the fine-tuning gain kept" in text
     rows = results["retention"]
     assert len(rows) == len(QUICK.tasks) * len(QUICK.densities) * len(M.PRUNE_METHODS)
     for r in rows:
@@ -53,7 +54,7 @@ def test_rerun_uses_cached_models(quick_run):
     assert again["reference"] == results["reference"]  # same models, same splits
 
 
-def _job(density=0.5, factors=(1.0, 2.0)):
+def _job(density=0.5, factors=(1.0, 2.0), alpha_evals=4):
     g = torch.Generator().manual_seed(0)
     unit = "model.layers.0.mlp.up_proj.weight"
     base = {unit: torch.randn(8, 16, generator=g), "model.norm.weight": torch.ones(4)}
@@ -65,7 +66,7 @@ def _job(density=0.5, factors=(1.0, 2.0)):
         return float((state[unit] - base[unit]).abs().sum())
 
     return M.PruneJob(base, ft, density, [unit], validate, seeds=(0, 1),
-                      factors=factors), seen
+                      factors=factors, alpha_evals=alpha_evals), seen
 
 
 def test_prune_methods_touch_units_only_at_the_density():
@@ -77,8 +78,10 @@ def test_prune_methods_touch_units_only_at_the_density():
         for state in out.states:
             assert torch.equal(state["model.norm.weight"], job.finetuned["model.norm.weight"]), name
             kept = (state[unit] - job.base[unit]).abs() > 1e-7
-            if name == "DP":  # one unit: no offsets; DPPA's count rule and strict ties may keep one less
+            if name == "DP":  # one unit: no offsets; DPPA's count rule may keep one less
                 assert int(kept.sum()) in (63, 64)
+            elif name == "DPPA (searched α)":  # α_lo = 0 keeps the upper band (d/2) only
+                assert int(kept.sum()) in (31, 32, 63, 64)
             elif name != "DARE":  # DARE keeps each element with probability density
                 assert int(kept.sum()) == 64, name
     mag = M.magnitude(job).states[0][unit] - job.base[unit]
@@ -113,3 +116,49 @@ def test_merge_tuning_maximises_mean_validation():
 def test_full_budget_is_the_issue_s():
     assert FULL.densities == (0.9, 0.5, 0.2, 0.1) and len(FULL.dare_seeds) == 3
     assert QUICK.training_key() != FULL.training_key()
+
+
+def test_dppa_searched_amplifies_the_top_band_on_validation():
+    # validate prefers larger deltas: the greedy search raises α_hi at every step and keeps α_lo = 0
+    job, seen = _job(alpha_evals=4)
+    out = M.PRUNE_METHODS["DPPA (searched α)"](job)
+    assert out.chosen["alphas"] == [2.1, 0.0] and out.chosen["evaluations"] == 4 and len(seen) == 4
+    unit = "model.layers.0.mlp.up_proj.weight"
+    delta = (job.finetuned[unit] - job.base[unit]).flatten()
+    got = (out.states[0][unit] - job.base[unit]).flatten()
+    kept = got.abs() > 1e-7
+    assert int(kept.sum()) in (31, 32) and out.chosen["realised_density"] == pytest.approx(int(kept.sum()) / 128)
+    assert set(kept.nonzero().flatten().tolist()) <= set(delta.abs().topk(32).indices.tolist())
+    assert torch.allclose(got[kept], 2.1 * delta[kept], atol=1e-6)
+    plain = M.PRUNE_METHODS["DP"](job)
+    assert plain.chosen["alphas"] == [1.0, 1.0]
+
+
+def test_dppa_merges_share_one_search_and_tune_lambda():
+    g = torch.Generator().manual_seed(2)
+    unit = "model.layers.0.mlp.up_proj.weight"
+    base = {unit: torch.randn(8, 16, generator=g), "model.norm.weight": torch.ones(4)}
+    fts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    per_task = []
+
+    def validate_task(state, task):
+        per_task.append(task)
+        return float(-(state[unit] - fts[task][unit]).abs().sum())  # closest to the task's expert
+
+    def validate(state):
+        return {t: validate_task(state, t) for t in fts}
+
+    memo = {}
+    outs = {}
+    for name in ("DPPA + task arithmetic", "DPPA + TIES"):
+        job = M.MergeJob(base, fts, validate, lambdas=(0.5, 1.0), densities=(0.5,), validate_task=validate_task,
+                         alpha_evals=3, memo=memo)
+        n = len(per_task)
+        outs[name] = M.MERGE_METHODS[name](job)
+        calls = len(per_task) - n
+        # the first method runs the per-task α search (3 candidates per task) and the λ grid (2 × 2 tasks)
+        assert calls == (2 * 3 + 4 if name == "DPPA + task arithmetic" else 4), (name, calls)
+    for out in outs.values():
+        assert out.chosen["lambda"] in (0.5, 1.0) and out.chosen["density"] == 0.5
+        assert len(out.chosen["alphas"]) == 2 and len(out.chosen["grid"]) == 2
+        assert out.state[unit].dtype == base[unit].dtype

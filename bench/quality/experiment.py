@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 from .config import QualityConfig
 from .family import Family, unit_names
 from .methods import MERGE_METHODS, PRUNE_METHODS, MergeJob, PruneJob
-from .scoring import Scorer
+from .scoring import Scorer, retention_ratio
 
 
 def reference_accuracies(cfg: QualityConfig, fam: Family, scorer: Scorer) -> dict:
@@ -31,33 +31,31 @@ def run_retention(cfg: QualityConfig, fam: Family, scorer: Scorer, reference: Ma
             for name, method in methods.items():
                 t0 = time.perf_counter()
                 job = PruneJob(fam.base, fam.experts[t], d, units, task=t, seeds=cfg.dare_seeds,
-                               factors=cfg.factor_grid,
+                               factors=cfg.factor_grid, alpha_evals=cfg.alpha_evals,
                                validate=lambda s, t=t: scorer.accuracy(s, t, "validation"))
                 out = method(job)
                 accs = [scorer.accuracy(s, t, "test") for s in out.states]
                 acc = sum(accs) / len(accs)
                 rows.append({"method": name, "task": t, "density": d, "test_accuracy": acc, "test_accuracies": accs,
-                             "expert_accuracy": dense, "retention": _ratio(acc, dense),
-                             "retentions": [_ratio(a, dense) for a in accs], "chosen": out.chosen,
+                             "expert_accuracy": dense, "retention": retention_ratio(acc, dense),
+                             "retentions": [retention_ratio(a, dense) for a in accs], "chosen": out.chosen,
                              "seconds": round(time.perf_counter() - t0, 2)})
             log(f"retention {t} density {d}: " + ", ".join(
                 f"{r['method']} {r['retention']:.3f}" for r in rows if r["task"] == t and r["density"] == d))
     return rows
 
 
-def _ratio(acc: float, dense: float) -> float:
-    return acc / dense if dense > 0 else float("nan")  # undefined when the expert scores 0
-
-
 def run_merging(cfg: QualityConfig, fam: Family, scorer: Scorer, *, methods: Mapping[str, Callable] = MERGE_METHODS,
                 log: Callable[[str], None] = print) -> list:
     """One row per merging method: test accuracy per task of the merge of all experts, with the
     hyperparameters chosen on the mean validation accuracy."""
-    rows = []
+    rows, memo = [], {}  # memo: work shared by methods (one DPPA α search per density)
     for name, method in methods.items():
         t0 = time.perf_counter()
         job = MergeJob(fam.base, fam.experts, lambda s: scorer.accuracies(s, cfg.tasks, "validation"),
-                       lambdas=cfg.lambda_grid, densities=cfg.merge_densities, seed=cfg.merge_seed)
+                       lambdas=cfg.lambda_grid, densities=cfg.merge_densities, seed=cfg.merge_seed,
+                       validate_task=lambda s, t: scorer.accuracy(s, t, "validation"),
+                       alpha_evals=cfg.alpha_evals, memo=memo)
         out = method(job)
         test = scorer.accuracies(out.state, cfg.tasks, "test")
         rows.append({"method": name, "test_accuracy": test, "mean": sum(test.values()) / len(test),

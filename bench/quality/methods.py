@@ -10,7 +10,6 @@ Pruning acts on the units (linear weights inside decoder blocks); other deltas s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -18,39 +17,11 @@ import torch
 import dppa_kernels as dk
 from dppa_kernels.tasks import task_deltas
 
+from .dppa_methods import dp, dppa_searched, dppa_task_arithmetic, dppa_ties
+from .jobs import MergeJob, MergeOutcome, PruneJob, PruneOutcome, tuned_over
 
-@dataclass
-class PruneJob:
-    base: Mapping[str, torch.Tensor]
-    finetuned: Mapping[str, torch.Tensor]
-    density: float
-    units: list  # tensor names to prune
-    validate: Callable[[Mapping[str, torch.Tensor]], float]  # state dict -> validation accuracy
-    task: str = ""
-    seeds: tuple = (0, 1, 2)  # for randomised methods
-    factors: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # candidate global factors
-
-
-@dataclass
-class PruneOutcome:
-    states: list  # pruned state dicts (one per seed for random methods)
-    chosen: dict = field(default_factory=dict)
-
-
-@dataclass
-class MergeJob:
-    base: Mapping[str, torch.Tensor]
-    finetuned: Mapping[str, Mapping[str, torch.Tensor]]  # task -> state dict
-    validate: Callable[[Mapping[str, torch.Tensor]], dict]  # state dict -> {task: validation accuracy}
-    lambdas: tuple = (1.0,)
-    densities: tuple = (0.2,)
-    seed: int = 0
-
-
-@dataclass
-class MergeOutcome:
-    state: dict
-    chosen: dict = field(default_factory=dict)
+__all__ = ["MERGE_METHODS", "PRUNE_METHODS", "MergeJob", "MergeOutcome", "PruneJob", "PruneOutcome", "dare",
+           "dare_ties", "magnitude", "scaled_magnitude", "task_arithmetic", "ties", "with_unit_deltas"]
 
 
 def with_unit_deltas(job: PruneJob, prune_one: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
@@ -74,18 +45,6 @@ def dare(job: PruneJob) -> PruneOutcome:
         with_unit_deltas(job, lambda n, d, s=s: dk.prune(d, "dare", density=job.density, seed=s, name=n,
                                                          rescale="inv_density"))
         for s in seeds], {"seeds": list(seeds)})
-
-
-def dynamic_pruning(job: PruneJob) -> PruneOutcome:
-    """DPPA's dynamic pruning: per-unit densities from ``dk.dp_densities`` (layer and unit offsets
-    around ``density``, defaults), each unit pruned to its density with ``bands`` at factor 1."""
-    deltas = task_deltas(job.base, {k: job.finetuned[k] for k in job.base})
-    alloc = dk.dp_densities({n: deltas[n] for n in job.units}, densities=(job.density,))
-
-    def one(n: str, d: torch.Tensor) -> torch.Tensor:
-        return dk.prune(d, "bands", densities=(alloc.densities[n][0],), alphas=(1.0,))
-
-    return PruneOutcome([with_unit_deltas(job, one)], {"clamped": len(alloc.clamped)})
 
 
 def scaled_magnitude(job: PruneJob) -> PruneOutcome:
@@ -115,20 +74,11 @@ def _merged(base: Mapping, finetuned: Mapping, method: str, seed: int, **params)
 
 def _tuned_merge(job: MergeJob, method: str, densities) -> MergeOutcome:
     """The merge whose (density, λ) maximises the mean validation accuracy over tasks."""
-    best, table = None, []
-    for density in densities:
-        for lam in job.lambdas:
-            params = {"lambda": lam} if density is None else {"lambda": lam, "density": density}
-            state = _merged(job.base, job.finetuned, method, job.seed, **params)
-            val = job.validate(state)
-            mean = sum(val.values()) / len(val)
-            table.append({"density": density, "lambda": lam, "validation_mean": mean})
-            if best is None or mean > best[0]:
-                best = (mean, state, density, lam)
-    chosen = {"lambda": best[3], "validation_mean": best[0], "grid": table}
-    if best[2] is not None:
-        chosen["density"] = best[2]
-    return MergeOutcome(best[1], chosen)
+    def build(density, lam: float) -> tuple:
+        params = {"lambda": lam} if density is None else {"lambda": lam, "density": density}
+        return _merged(job.base, job.finetuned, method, job.seed, **params), {}
+
+    return tuned_over(job, densities, build)
 
 
 def task_arithmetic(job: MergeJob) -> MergeOutcome:
@@ -150,11 +100,14 @@ def dare_ties(job: MergeJob) -> MergeOutcome:
 PRUNE_METHODS: dict = {
     "magnitude": magnitude,
     "DARE": dare,
-    "DP": dynamic_pruning,
+    "DP": dp,
+    "DPPA (searched α)": dppa_searched,
     "magnitude × factor": scaled_magnitude,
 }
 MERGE_METHODS: dict = {
     "task arithmetic": task_arithmetic,
     "TIES": ties,
     "DARE-TIES": dare_ties,
+    "DPPA + task arithmetic": dppa_task_arithmetic,
+    "DPPA + TIES": dppa_ties,
 }

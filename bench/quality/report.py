@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .scoring import retention_ratio
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -26,6 +28,28 @@ def _retention_cell(rows: Sequence[Mapping]) -> str:
     if n < 2 or any(math.isnan(x) for x in per_seed):
         return f"{mean:.3f}"
     return f"{mean:.3f} ± {statistics.stdev(per_seed):.3f}"
+
+
+def _alphas(a) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in a) + ")"
+
+
+def _chosen_prune(chosen: Mapping[str, Mapping]) -> str:
+    """What each task's method chose on validation: a global factor, or searched α with the realised density."""
+    if all("factor" in c for c in chosen.values()):
+        return "factor " + "; ".join(f"{t}: {c['factor']}" for t, c in chosen.items())
+    if all("evaluations" in c for c in chosen.values()):
+        return "α (kept) " + "; ".join(f"{t}: {_alphas(c['alphas'])} ({c['realised_density']:.3f})"
+                                       for t, c in chosen.items())
+    if all("realised_density" in c for c in chosen.values()):
+        return "kept " + "; ".join(f"{t}: {c['realised_density']:.3f}" for t, c in chosen.items())
+    return ""
+
+
+def _gain_kept(row: Mapping, reference: Mapping) -> float:
+    """(accuracy − base) / (expert − base) of a retention row; NaN when the expert does not beat the base."""
+    base, expert = reference["base"][row["task"]], row["expert_accuracy"]
+    return (row["test_accuracy"] - base) / (expert - base) if expert > base else float("nan")
 
 
 def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[Mapping],
@@ -53,17 +77,32 @@ def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[
     for m in methods:
         cells = [_retention_cell([r for r in retention if r["method"] == m and r["density"] == d]) for d in dens]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+    floor = _mean(retention_ratio(reference["base"][t], reference[f"expert {t}"][t]) for t in tasks)
+    out.append(f"| base (every delta dropped) | " + " | ".join(f"{floor:.3f}" for _ in dens) + " |")
     out += ["", "DARE: mean over seeds " + ", ".join(map(str, cfg.dare_seeds)) + " (± std over seeds). "
+            "DP and DPPA use the levels (d/2, d): DP keeps both bands at factor 1 (density d, allocated per "
+            "unit); DPPA (searched α) runs the greedy α search on the validation split "
+            f"(≤ {cfg.alpha_evals} candidates; α_lo = 0 keeps d/2 only). magnitude × factor: one global factor "
+            f"from {list(cfg.factor_grid)} chosen on validation. "
             "Pruning acts on the linear weights inside decoder blocks; embeddings, norms and lm_head keep "
-            "their dense deltas.\n", "## Retention per task\n",
+            "their dense deltas.\n",
+            "## Share of the fine-tuning gain kept, mean over tasks\n",
+            "(pruned − base) / (expert − base) on test: 1 keeps the whole gain of fine-tuning, 0 is the base. "
+            "With small deltas the base already solves much of each task, so this separates the methods "
+            "more than retention does.\n",
+            "| method | " + " | ".join(f"density {d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
+    for m in methods:
+        cells = [_mean(_gain_kept(r, reference) for r in retention if r["method"] == m and r["density"] == d)
+                 for d in dens]
+        out.append(f"| {m} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    out += ["", "## Retention per task\n",
             "| method | density | " + " | ".join(tasks) + " | chosen on validation |",
             "|---|---|" + "---|" * (len(tasks) + 1)]
     for m in methods:
         for d in dens:
             rs = {r["task"]: r for r in retention if r["method"] == m and r["density"] == d}
-            chosen = "; ".join(f"{t}: {rs[t]['chosen']['factor']}" for t in tasks if "factor" in rs[t]["chosen"])
             out.append(f"| {m} | {d} | " + " | ".join(f"{rs[t]['retention']:.3f}" for t in tasks)
-                       + f" | {('factor ' + chosen) if chosen else ''} |")
+                       + f" | {_chosen_prune({t: rs[t]['chosen'] for t in tasks})} |")
     out += ["", "## Merging all experts (test accuracy, %)\n",
             "| model | " + " | ".join(tasks) + " | mean | chosen on validation |", "|---|" + "---|" * (len(tasks) + 2)]
     base = reference["base"]
@@ -74,6 +113,8 @@ def markdown(cfg, family_info: Mapping, reference: Mapping, retention: Sequence[
                + f" | {_pct(statistics.fmean(own.values()))} | |")
     for r in merging:
         chosen = ", ".join(f"{k} {r['chosen'][k]}" for k in ("density", "lambda") if k in r["chosen"])
+        if "alphas" in r["chosen"]:
+            chosen += ", α " + "; ".join(f"{t} {_alphas(a)}" for t, a in zip(tasks, r["chosen"]["alphas"]))
         out.append(f"| {r['method']} | " + " | ".join(_pct(r["test_accuracy"][t]) for t in tasks)
                    + f" | {_pct(r['mean'])} | {chosen} |")
     out.append("")

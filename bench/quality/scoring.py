@@ -27,3 +27,8 @@ class Scorer:
 
     def accuracies(self, state: Mapping, tasks, split: str) -> dict:
         return {t: self.accuracy(state, t, split) for t in tasks}
+
+
+def retention_ratio(acc: float, dense: float) -> float:
+    """Pruned accuracy / expert accuracy; NaN (undefined) when the expert scores 0."""
+    return acc / dense if dense > 0 else float("nan")
