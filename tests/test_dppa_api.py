@@ -266,7 +266,9 @@ def test_search_in_the_base_module_leaves_the_base_unchanged():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(densities=[]), "densities of model 0"), (dict(densities=[0.3, 0.1]), "non-decreasing"),
+    (dict(densities=[]), "densities must hold 1 to 8"), (dict(densities=[0.3, 0.1]), "non-decreasing"),
+    (dict(densities=[0.1, 1.5]), r"densities\[1\] must be in \[0, 1\]"),
+    (dict(densities=[[0.1, 0.2], [0.2, 0.1]]), "densities of model 1 must be non-decreasing"),
     (dict(densities=[0.1] * 9), "1 to 8"), (dict(offset_lambda="x"), "offset_lambda"),
     (dict(outlier_mult_unit=-2), "outlier_mult_unit"), (dict(density_clamp=[0]), "density_clamp"),
     (dict(density_clamp=[0.5, 0.2]), "density_clamp"), (dict(renormalize="yes"), "renormalize"),

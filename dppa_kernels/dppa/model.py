@@ -51,13 +51,16 @@ def _per_model(value, m: int, what: str) -> list:
     return [value] * m
 
 
-def _check_levels(levels, i: int) -> tuple:
+def _check_levels(levels, i: int, m: int) -> tuple:
     """One model's density levels: 1..MAX_BANDS numbers in [0, 1], non-decreasing."""
-    ok = isinstance(levels, (list, tuple)) and 1 <= len(levels) <= MAX_BANDS and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in levels)
-    if not ok or list(levels) != sorted(levels):
-        raise ValueError(f"densities of model {i} must be 1 to {MAX_BANDS} non-decreasing numbers in [0, 1], "
-                         f"got {str(levels)[:60]!r}")
+    what = "densities" if m == 1 else f"densities of model {i}"
+    if not isinstance(levels, (list, tuple)) or not 1 <= len(levels) <= MAX_BANDS:
+        raise ValueError(f"{what} must hold 1 to {MAX_BANDS} levels, got {str(levels)[:60]!r}")
+    for j, x in enumerate(levels):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+            raise ValueError(f"{what}[{j}] must be in [0, 1], got {str(x)[:40]!r}")
+    if list(levels) != sorted(levels):
+        raise ValueError(f"{what} must be non-decreasing, got {str(levels)[:60]!r}")
     return tuple(float(x) for x in levels)
 
 
@@ -112,7 +115,9 @@ class DPPA:
         self.tie_mode, self.count_rule, self.band_combine = tie_mode, count_rule, band_combine
         self.nonunit_mode = nonunit_mode
         self.sdtype = S.stats_dtype_of(stats_dtype)
-        self.levels = [_check_levels(lv, i) for i, lv in enumerate(_per_model(list(densities), self.m, "densities"))]
+        per_model = _per_model(list(densities), self.m, "densities")
+        shared = not (densities and isinstance(list(densities)[0], (list, tuple)))
+        self.levels = [_check_levels(lv, i, 1 if shared else self.m) for i, lv in enumerate(per_model)]
         self.base = dict(base)
         self.device = next(iter(self.base.values())).device
         self.backend = resolve(backend, self.device)
