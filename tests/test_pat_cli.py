@@ -134,6 +134,8 @@ def test_pat_train_refuses_bad_input_before_training(tmp_path, base, case, match
         extra = ["--max-steps", 3]
     elif case == "cuda":
         if torch.cuda.is_available():
+            # the case tests the refusal of --device cuda where there is no GPU; on a GPU machine
+            # the same command would start training, which is not what this case checks
             pytest.skip("a CUDA device is present: the refusal needs a machine without one")
         extra = ["--device", "cuda"]
     elif case == "mask_schedule":
