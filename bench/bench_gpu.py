@@ -287,6 +287,10 @@ def bench_merge(env, copy_gbps, shapes, dtypes, runs, max_seconds, rows, m=3, de
                     cases[("dppa_2bands", f"ours_{be}")] = lambda st, be=be: dk.merge_deltas(
                         st[1], st[0], method="dppa", weight=w, densities=[0.1, 0.2], alphas=[1.8, 1.0],
                         backend=be, check_finite=False)
+                    # the default tie rule (exact_k) ranks ties; gt shows what that ranking costs
+                    cases[("dppa_2bands_gt", f"ours_{be}")] = lambda st, be=be: dk.merge_deltas(
+                        st[1], st[0], method="dppa", weight=w, densities=[0.1, 0.2], alphas=[1.8, 1.0],
+                        tie_mode="gt", backend=be, check_finite=False)
             res = {key: _guarded(key, lambda: _time(fn, sets, runs, max_seconds=max_seconds))
                    for key, fn in cases.items()}
             if mk is not None:
