@@ -21,7 +21,8 @@ far longer than CI allows, and ``install()`` changes nothing else in PEFT.
   their weighted-combination tests all run on hub models (``hf-internal-testing/...``) and are
   excluded at collection unless the model is in the local Hugging Face cache.
 * Not collected: ``test_torch_compile.py`` (skips itself unless PEFT_DEBUG_WITH_TORCH_COMPILE=1, and
-  its models come from the hub). PEFT has no tests of ``peft.utils.merge_utils``'s functions called
+  its models come from the hub) and ``test_arrow.py`` (its one test the ``-k`` matches checks
+  ``merge_and_unload`` on a hub model, not weighted adapters). PEFT has no tests of ``peft.utils.merge_utils``'s functions called
   directly; ours are in tests/test_integration_peft.py.
 
 The sdist has no ``conftest.py`` and its pytest options (coverage, warnings as errors for
