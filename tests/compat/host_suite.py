@@ -68,7 +68,7 @@ def fetch(host: Host) -> Path:
 
 
 def unpack(host: Host, sdist: Path, into: Path) -> Path:
-    """<into>/tests: the sdist's test files plus the helpers; <into>/conftest.py."""
+    """<into>/tests: the sdist's test files plus the helpers; <into>/conftest.py and pytest.ini."""
     tests = into / "tests"
     tests.mkdir()
     with tarfile.open(sdist) as tar:
@@ -83,6 +83,8 @@ def unpack(host: Host, sdist: Path, into: Path) -> Path:
     for name, source in host.helpers.items():
         shutil.copy(HERE / source, tests / name)
     shutil.copy(HERE / "host_conftest.py", into / "conftest.py")
+    # an empty ini file here stops pytest from taking its options from one in a folder above
+    (into / "pytest.ini").write_text("[pytest]\n")
     return tests
 
 
