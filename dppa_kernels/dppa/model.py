@@ -198,7 +198,7 @@ class DPPA:
             if wd not in WORK_DTYPES:
                 raise TypeError(f"{label}: tensor {name!r} would be merged in {wd}; DPPA works in bf16, fp16 or fp32")
             with torch.no_grad():
-                d = S.form_delta(b, x, wd).contiguous()
+                d = S.form_delta(b, x, wd, compat=self.settings.compat).contiguous()
             if not bool(torch.isfinite(d.sum())) and bool((~torch.isfinite(d)).any()):
                 raise ValueError(f"{label}: the delta of tensor {name!r} has NaN/Inf values")
             out[name] = d

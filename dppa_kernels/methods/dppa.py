@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .. import plans as P
-from ..dppa.defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, default_alphas
+from ..dppa.defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, PRESETS, default_alphas, resolve_alphas
 from ..reference import sparsify as S
 from ..spec import SparsifySpec
 from . import _common as C
@@ -28,6 +28,16 @@ def _p(name, type_, scope, doc, **kw):
     return Param(name, type_, kw.pop("default", DPPA_DEFAULTS.get(name)), scope, doc, **kw)
 
 
+class _Alphas(Param):
+    """``alphas``: a list of factors, or the name of a preset (``dppa.defaults.PRESETS``)."""
+
+    def check(self, value, where):
+        if isinstance(value, str):
+            resolve_alphas(value, 1, what=f"{where}: alphas")  # ValueError naming the value and the presets
+            return value
+        return super().check(value, where)
+
+
 def _params(norm: bool) -> tuple:
     return (
         C.weight(required=False),
@@ -37,8 +47,8 @@ def _params(norm: bool) -> tuple:
            stage="dppa"),
         _p("sparsity", float, "model", "one level: densities [1 − sparsity]", default=None, low=0.0, high=1.0,
            stage="dppa"),
-        _p("alphas", list, "model", "band factors, highest band first (default 1 on every band: plain DP)",
-           default=None),
+        _Alphas("alphas", list, None, "model", "band factors, highest band first, or a preset: "
+                + ", ".join(PRESETS) + " (default plain: 1 on every band, plain DP)"),
         C.normalize(norm),
         Param("rescale", bool, False, "global", "L1 rescale after the bands (not used by DPPA)",
               choices=("inv_density", "l1"), mergekit=False),
