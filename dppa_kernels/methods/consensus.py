@@ -81,10 +81,10 @@ class Consensus(Sparsifier):
     def joint_factors(self, deltas, specs, weights):
         return [self._mask(deltas, specs, weights).to(torch.float64)] * len(deltas)
 
-    def realised(self, delta, spec, *, plan=None, **_):
+    def realised(self, delta, spec, *, plan=None, **kw):
         if plan is None:
             raise ValueError("method 'consensus': what it kept is known from its plan only")
-        return int(torch.count_nonzero(plan.mask)) / delta.numel()
+        return super().realised(delta, spec, plan=plan, **kw)
 
 
 register(

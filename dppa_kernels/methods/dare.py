@@ -33,7 +33,12 @@ class Dare(Sparsifier):
     def factor(self, delta, spec, *, seed, name, stream):
         return S.dare_factor(delta, spec.density, seed, name, stream)
 
-    def realised(self, delta, spec, *, seed, name, stream, backend, **_):
+    def expected(self, spec, plan):
+        if plan is not None and plan.kind == "dare":  # the draw's keep probability
+            return min(plan.thr32, 1 << 32) / 4294967296.0
+        return None
+
+    def realised(self, delta, spec, *, seed, name, stream, backend="reference", **_):
         if spec.density >= 1.0:
             return 1.0
         k1, k2 = rng.stream_keys(seed, name, stream)

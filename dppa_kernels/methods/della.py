@@ -3,8 +3,6 @@ element's magnitude rank within its row, from density − ε to density + ε."""
 
 from __future__ import annotations
 
-import torch
-
 from ..backends.base import ApplyPlan
 from ..reference import rng
 from ..reference import sparsify as S
@@ -43,12 +41,10 @@ class Della(Sparsifier):
     def factor(self, delta, spec, *, seed, name, stream):
         return S.della_factor(delta, spec.density, spec.epsilon, seed, name, stream)
 
-    def realised(self, delta, spec, *, plan=None, **kw):
+    def realised(self, delta, spec, **kw):
         if spec.density >= 1.0:
             return 1.0
-        if plan is not None and plan.kind == "mask":  # the mask the merge drew: counted, not redrawn
-            return int(torch.count_nonzero(plan.mask)) / delta.numel()
-        return super().realised(delta, spec, plan=plan, **kw)
+        return super().realised(delta, spec, **kw)
 
 
 register(

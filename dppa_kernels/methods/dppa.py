@@ -103,10 +103,15 @@ class Bands(Sparsifier):
             raise ValueError(f"{argname}.alphas must be >= 0, got {tuple(s.alphas)}")
 
     def plan(self, be, delta, spec, *, seed, name, stream, check_as):
-        ks = [P.keep_of(delta, spec, d) for d in spec.densities]
-        plan = P.threshold_plan(be, delta, spec, ks, S.band_factors(spec.alphas, spec.band_combine),
-                                spec.tie_mode, check_as)
+        plan = P.threshold_plan(be, delta, spec, self.level_keeps(delta, spec),
+                                S.band_factors(spec.alphas, spec.band_combine), spec.tie_mode, check_as)
         return P.keep_full_levels(plan, spec.densities, spec.density1_prunes_min)
+
+    def level_keeps(self, delta, spec):
+        return [P.keep_of(delta, spec, d) for d in spec.densities]
+
+    def target(self, spec):
+        return list(spec.densities)
 
     def factor(self, delta, spec, *, seed, name, stream):
         return S.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine,
