@@ -222,6 +222,23 @@ def test_merge_matches_reference(backend, dtype, method):
     assert_ulp_close(got, ref, dtype)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])  # torch: the formula itself
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dppa_ties", "della"])
+def test_merge_bytes_equal_the_torch_backend(backend, out_dtype, method):
+    """Every fast backend computes the torch backend's fp32 formula op for op (each op rounded,
+    IEEE division, model order), so the bytes are equal; on a GPU this holds only because the
+    kernels are built without fp fusion (``kernels.apply.LAUNCH``). Not bf16 under the Triton
+    interpreter (its fp32 -> bf16 stores truncate)."""
+    dev = on(backend)
+    base, deltas = family((61, 257), 3, torch.float16, sigma=1e-3)
+    base = base.to(out_dtype)
+    kw = dict(method=method, seed=5, name="t", normalize=True, **_merge_params(method))
+    got = dk.merge_deltas([d.to(dev) for d in deltas], base.to(dev), backend=backend, **kw).cpu()
+    want = dk.merge_deltas(deltas, base, backend="torch", **kw)
+    assert torch.equal(got, want), int((got != want).sum())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_without_base_matches_reference(backend):
     dev = on(backend)
