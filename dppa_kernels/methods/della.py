@@ -6,7 +6,6 @@ from __future__ import annotations
 from ..backends.base import ApplyPlan
 from ..reference import rng
 from ..reference import sparsify as S
-from ..spec import SparsifySpec
 from . import _common as C
 from .registry import MergeMethod, Param, Sparsifier, register
 
@@ -16,12 +15,8 @@ EPSILON = Param("epsilon", float, 0.15, "model", "half-width of the keep-probabi
 
 class Della(Sparsifier):
     name = "della"
+    params = (C.DENSITY, EPSILON)
     mergekit = "della_magprune"
-
-    def spec(self, i, p, m, common):
-        d = C.per_model(p.get("density", 1.0), m, "density")[i]
-        e = C.per_model(p.get("epsilon", 0.15), m, "epsilon")[i]
-        return SparsifySpec("della", density=float(d), epsilon=float(e), **common)
 
     def check(self, s, argname):
         if 0.0 < s.density < 1.0 and not (s.density - s.epsilon > 0.0 and s.density + s.epsilon < 1.0):

@@ -86,6 +86,20 @@ class Param:
             raise ValueError(f"{where}: {what} is outside [{lo}, {hi}]")
 
 
+def per_model(value: Any, m: int, name: str, lists: bool = False) -> list:
+    """Broadcast a scalar parameter to M models, or check a per-model list's length. ``lists``:
+    the value is itself a list (one for all models, or one list per model)."""
+    if isinstance(value, (list, tuple)) and not lists:
+        if len(value) != m:
+            raise ValueError(f"{name} has {len(value)} values, expected one per model ({m})")
+        return list(value)
+    if lists and value and isinstance(value[0], (list, tuple)):
+        if len(value) != m:
+            raise ValueError(f"{name} has {len(value)} per-model lists, expected {m}")
+        return [tuple(v) for v in value]
+    return [tuple(value) if isinstance(value, (list, tuple)) else value] * m
+
+
 class Sparsifier:
     """What happens to one delta; subclasses override what they need.
 
@@ -103,9 +117,11 @@ class Sparsifier:
     mergekit: Optional[str] = None  # mergekit's SparsificationMethod value, for its GTA methods
 
     def spec(self, i: int, p: dict, m: int, common: dict) -> SparsifySpec:
-        """Model i's spec from the method's parameters ``p`` (defaults applied; per-model values
-        are scalars or lists of M) and the ``common`` fields."""
-        return SparsifySpec(self.name, **common)
+        """Model i's spec from the method's parameters ``p`` (per-model values are scalars or lists
+        of M) and the ``common`` fields. The default: each of :attr:`params` (``SparsifySpec``
+        fields) at model i, its default where ``p`` does not set it."""
+        own = {q.name: q.type(per_model(p.get(q.name, q.default), m, q.name)[i]) for q in self.params}
+        return SparsifySpec(self.name, **own, **common)
 
     def check(self, s: SparsifySpec, argname: str) -> None:
         """Method-specific checks of a spec (the shared fields are checked by ``_validate``)."""

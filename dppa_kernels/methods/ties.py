@@ -7,7 +7,6 @@ from .. import plans as P
 from ..backends.base import ApplyPlan
 from ..reference import keep_count
 from ..reference import sparsify as S
-from ..spec import SparsifySpec
 from . import _common as C
 from .registry import MergeMethod, Sparsifier, register
 
@@ -16,11 +15,11 @@ class Magnitude(Sparsifier):
     """Top-k of |Δ| per partition, k from ``density`` and ``count_rule`` (mergekit: ``min1``)."""
 
     name = "magnitude"
+    params = (C.DENSITY,)
     mergekit = "magnitude"
 
     def spec(self, i, p, m, common):
-        d = C.per_model(p.get("density", 1.0), m, "density")[i]
-        return SparsifySpec("magnitude", density=float(d), count_rule=p.get("count_rule", "min1"), **common)
+        return super().spec(i, p, m, {**common, "count_rule": p.get("count_rule", C.COUNT_RULE.default)})
 
     def plan(self, be, delta, spec, *, seed, name, stream, check_as):
         if spec.density >= 1.0 and not spec.density1_prunes_min:
