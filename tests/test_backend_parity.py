@@ -136,7 +136,7 @@ def test_magnitude_masks_match_reference(backend, dtype, tie_mode, partition, sh
                 kept = torch.stack([c.sum() for c in torch.split(mask.reshape(-1), lengths.tolist())])
                 assert torch.equal(kept, keep_counts(lengths, d, "floor")), d
     if not _interpreted(backend):  # exact zeros (the smallest keys, one large tie group) as they come
-        for d in (1.0 / n, 0.5):
+        for d in (0.0, 1.0 / n, 0.2, 0.5, 1.0):
             kw = dict(density=d, tie_mode=tie_mode, partition=partition, block_size=bs)
             assert torch.equal(dk.prune(quantised.to(dev), "magnitude", backend=backend, **kw).cpu(),
                                dk.prune(quantised, "magnitude", backend="reference", **kw)), d
