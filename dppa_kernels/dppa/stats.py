@@ -14,10 +14,9 @@ import torch
 
 from ..ops import tensor_histogram
 from ..reference.naming import group_units
+from ..vocab import STATS_DTYPES
 from .defaults import OFFICIAL_SETTINGS, check_compat
 
-STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16}
 
 
 def stats_dtype_of(name) -> torch.dtype:
