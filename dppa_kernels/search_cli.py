@@ -11,6 +11,7 @@ matplotlib is installed).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import tempfile
@@ -24,9 +25,16 @@ from ._exit import unexpected
 
 REPORT = "search_report.json"
 PLOT = "search_scores.png"
-# global config keys the in-memory DPPA takes as they are (the rest of a dppa config is per model)
-_SETTINGS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat", "tie_mode",
-             "count_rule", "band_combine", "stats_dtype", "nonunit_mode", "unit_pattern", "layer_pattern")
+
+
+def _settings() -> tuple:
+    """The dppa method's global parameters (registry) that the in-memory DPPA takes under the same
+    name; the rest of a dppa config is per model, or (density_renormalize) renamed below."""
+    from .dppa import DPPA
+    from .methods import get_method
+
+    taken = inspect.signature(DPPA.__init__).parameters
+    return tuple(n for n in get_method("dppa").names(scope="global") if n in taken)
 
 
 class SearchCliError(Exception):
@@ -66,7 +74,7 @@ def parse_eval_args(items: list) -> dict:
 def _plain_settings(cfg) -> dict:
     glob = dict(cfg.parameters or {})
     out = {}
-    for k in _SETTINGS:
+    for k in _settings():
         if k in glob:
             v = glob[k]
             if isinstance(v, (dict, list)) and k != "density_clamp":
