@@ -26,6 +26,7 @@ from .backends.registry import get_backend, resolve
 from .methods import get_sparsifier, methods, preset, sparsifiers
 from .plans import _partition_lengths, keep_counts, make_plan, make_plans  # noqa: F401  (part of this module's API)
 from .spec import CombineSpec, SparsifySpec
+from .vocab import STATS_DTYPES
 
 
 def prune_methods() -> tuple:
@@ -285,7 +286,7 @@ def tensor_histogram(x: torch.Tensor, *, stats_dtype: torch.dtype = torch.bfloat
                      backend: str = "auto") -> torch.Tensor:
     """32768-bin histogram (int64, CPU) of the magnitude key of x rounded to ``stats_dtype``."""
     be_name = _prepare([x], ["x"], check_finite, backend)
-    if stats_dtype not in (torch.bfloat16, torch.float16):
+    if stats_dtype not in STATS_DTYPES.values():
         raise ValueError(f"stats_dtype must be torch.bfloat16 or torch.float16, got {stats_dtype}")
     return histogram_planned(x, stats_dtype, backend=be_name, check_as="x" if check_finite else None)
 

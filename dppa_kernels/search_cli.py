@@ -11,6 +11,7 @@ matplotlib is installed).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import tempfile
@@ -24,9 +25,16 @@ from ._exit import unexpected
 
 REPORT = "search_report.json"
 PLOT = "search_scores.png"
-# global config keys the in-memory DPPA takes as they are (the rest of a dppa config is per model)
-_SETTINGS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat", "tie_mode",
-             "count_rule", "band_combine", "stats_dtype", "nonunit_mode", "unit_pattern", "layer_pattern")
+
+
+def _settings() -> tuple:
+    """The dppa method's global parameters (registry) that the in-memory DPPA takes under the same
+    name; the rest of a dppa config is per model, or (density_renormalize) renamed below."""
+    from .dppa import DPPA
+    from .methods import get_method
+
+    taken = inspect.signature(DPPA.__init__).parameters
+    return tuple(n for n in get_method("dppa").names(scope="global") if n in taken)
 
 
 class SearchCliError(Exception):
@@ -66,7 +74,7 @@ def parse_eval_args(items: list) -> dict:
 def _plain_settings(cfg) -> dict:
     glob = dict(cfg.parameters or {})
     out = {}
-    for k in _SETTINGS:
+    for k in _settings():
         if k in glob:
             v = glob[k]
             if isinstance(v, (dict, list)) and k != "density_clamp":
@@ -213,14 +221,16 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
         for key in ("data", "tokenizer"):  # the workers may run elsewhere: paths they can resolve
             if key in kwargs and os.path.exists(str(kwargs[key])):
                 kwargs[key] = os.path.abspath(kwargs[key])
+        t = time.perf_counter()
         result, view = _ray_search(config, eval_ref, kwargs, strategy=strategy, max_evals=max_evals, device=device,
                                    backend=backend, progress=progress, echo=echo, address=ray_address,
                                    workers=workers, gpus_per_worker=gpus_per_worker)
-        t_stats = 0.0  # the statistics pass runs on the workers, inside the search
+        # the statistics pass and the evaluation model are built on the workers, inside the search
+        setup = {"statistics_s": 0.0, "model_load_s": 0.0, "search_s": time.perf_counter() - t}
     else:
-        result, view, t_stats = _local_search(cfg, evaluate, kwargs, strategy=strategy, max_evals=max_evals,
-                                              device=device, backend=backend, progress=progress, echo=echo, t0=t0)
-    t_search = time.perf_counter() - t0 - t_stats
+        result, view, setup = _local_search(cfg, evaluate, kwargs, strategy=strategy, max_evals=max_evals,
+                                            device=device, backend=backend, progress=progress, echo=echo, t0=t0)
+    t_search = setup["search_s"]
     with tempfile.TemporaryDirectory(prefix="dppa-search-") as tmp:
         path = os.path.join(tmp, os.path.basename(config) or "config.yml")
         with open(path, "w", encoding="utf-8") as f:
@@ -236,7 +246,7 @@ def run_search(config: str, *, eval_ref: str, out: str, strategy: str = "greedy"
               "executor": executor, **result.to_json(),
               "realised_density": dict(zip(view["labels"], view["realised_density"])), "allocation": view["summary"],
               "plot": None if plot_why else PLOT, "plot_skipped": plot_why,
-              "timings": {"statistics_s": t_stats, "search_s": t_search, "eval_s": result.eval_seconds,
+              "timings": {**setup, "eval_s": result.eval_seconds,
                           "outside_eval_share_of_search": 1 - result.eval_seconds / t_search if t_search else None,
                           "merge_s": t_merge, "total_s": total},
               "merge_report": "merge_report.json", "merged_realised_density": merge_report["realised_density"]}
@@ -256,12 +266,15 @@ def _row_echo(progress: bool, echo: Callable[[str], None]) -> Optional[Callable[
 
 def _local_search(cfg, evaluate: Callable, kwargs: dict, *, strategy: str, max_evals: int, device: str,
                   backend: str, progress: bool, echo: Callable, t0: float) -> tuple:
-    """(result, the DPPA's view for the report, statistics seconds): the search in this process."""
+    """(result, the DPPA's view for the report, timings): the search in this process. Timings:
+    ``statistics_s`` (from ``t0``: reading the folders and the statistics pass), ``model_load_s``
+    (the evaluation model), ``search_s`` (the ``DPPA.search`` call: candidates and their evaluation)."""
     from .dppa import SearchError
 
     d, merge_kw = build_dppa(cfg, device=device, backend=backend)
-    t_stats = time.perf_counter() - t0
+    t = time.perf_counter()
     model = eval_model(cfg.base_model, device, progress)
+    setup = {"statistics_s": t - t0, "model_load_s": time.perf_counter() - t}
     row = _row_echo(progress, echo)
 
     def scored(m) -> float:
@@ -276,7 +289,7 @@ def _local_search(cfg, evaluate: Callable, kwargs: dict, *, strategy: str, max_e
         raise SearchCliError(str(exc)) from None
     view = {"backend": d.backend, "labels": d.labels, "summary": d.summary,
             "realised_density": d.realised_density(result.best)}
-    return result, view, t_stats
+    return result, view, {**setup, "search_s": result.seconds}
 
 
 def _ray_search(config: str, eval_ref: str, kwargs: dict, *, strategy: str, max_evals: int, device: str,

@@ -18,6 +18,12 @@ DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 FAST_DTYPES = tuple(DTYPE_CODES)
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
+# Dtype names a merge config or the command line may give, and their torch dtype.
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtypes DPPA's magnitude statistics may be rounded to (16-bit: a 32768-bin key histogram), by name.
+STATS_DTYPES = {name: DTYPE_BY_NAME[name] for name in ("bfloat16", "bf16", "float16", "fp16")}
+
 # Magnitude-key modes of the kernels: which dtype the key of an element is read in.
 #   native16: x is bf16/fp16 keyed in its own dtype (bits & 0x7FFF)
 #   f32: fp32 key of any x (widened exactly); bf16 / f16: x rounded to bf16 / fp16 (not x's dtype)

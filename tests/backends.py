@@ -9,6 +9,10 @@ tests/test_ops.py fails when one of those is missing).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -27,3 +31,57 @@ def on(name: str) -> torch.device:
     if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def triton_target() -> tuple[bool, str]:
+    """(interpreted, device of the tensors) for a module that tests the Triton kernels directly.
+
+    Under TRITON_INTERPRET=1 (tests/conftest.py's default; CI's) the kernels run on CPU tensors,
+    with TRITON_INTERPRET=0 compiled on CUDA tensors. Skips the calling module where triton is
+    not installed, or where compiled Triton is asked for on a machine without a GPU.
+    """
+    pytest.importorskip("triton", reason="triton is not installed")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and not torch.cuda.is_available():
+        # compiled Triton needs a GPU; CI runs these modules under the interpreter instead
+        pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+    return interpret, "cpu" if interpret else "cuda"
+
+
+def assert_triton_runs(kernel) -> None:
+    """A GPU-less run must exercise the interpreted kernels, not silently a fallback: the Triton
+    backend is available, and ``kernel`` (a jitted kernel of the module under test) is the
+    interpreter's when TRITON_INTERPRET=1."""
+    from dppa_kernels.backends.triton import TritonBackend
+
+    ok, why = TritonBackend().available()
+    assert ok, why
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert isinstance(kernel, InterpretedFunction)
+
+
+def record_launches(monkeypatch, module, kernel: str) -> list:
+    """Replace the jitted Triton kernel ``module.<kernel>`` with a wrapper that appends the grid of
+    each launch to the returned list, then launches the kernel."""
+    launches: list = []
+    real = getattr(module, kernel)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel, Spy())
+    return launches
+
+
+def compile_check(*args: str) -> str:
+    """stdout of ``python -m dppa_kernels.kernels.compile_check ARGS`` (the kernels lowered through
+    triton's GPU pipeline to cubin, not interpreted; no GPU needed), asserted to succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "dppa_kernels.kernels.compile_check", *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r.stdout

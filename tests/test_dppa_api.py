@@ -43,6 +43,35 @@ def _quiet():
     return c
 
 
+COMBINES = {"sum": ("dppa", {}), "ties": ("dppa_ties", {}), "mean": ("dppa", {"normalize": True})}
+
+
+def _public_merge(d, base, alphas, combine, weights, lam) -> dict:
+    """What ``d.merge`` must return, tensor by tensor from the public ``merge_deltas`` (floating
+    tensors only; units at their allocated densities, non-units dense)."""
+    method, extra = COMBINES[combine]
+    al = d.alphas_of(alphas)
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        ds = [d.deltas[i][name] for i in range(d.m)]
+        if name in d.units:
+            dens = [tuple(d.allocations[i].densities[name]) for i in range(d.m)]
+            out[name] = dk.merge_deltas(ds, b, method=method, weight=weights, densities=dens, alphas=al,
+                                        **{"lambda": lam}, **extra)
+        else:  # nonunit_mode dense: Δ × 1
+            out[name] = dk.merge_deltas(ds, b, method="ties" if combine == "ties" else "task_arithmetic",
+                                        weight=weights, density=1.0, **{"lambda": lam}, normalize=combine != "sum")
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (so that -0.0 and 0.0, and NaN payloads, count as different)."""
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype]) \
+        if t.is_floating_point() else t
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_apply_and_merge_equal_the_public_ops(dtype, device):
@@ -58,23 +87,14 @@ def test_apply_and_merge_equal_the_public_ops(dtype, device):
                 want = dk.prune(d.deltas[i][name], "bands", densities=tuple(d.allocations[i].densities[name]),
                                 alphas=alphas[i], key_dtype=torch.bfloat16, tie_mode=d.tie_mode)
                 assert torch.equal(pruned[i][name], want), (name, i)
-        for combine, method, extra in (("sum", "dppa", {}), ("ties", "dppa_ties", {}),
-                                       ("mean", "dppa", {"normalize": True})):
+        for combine in COMBINES:
             merged = d.merge(alphas, combine=combine, weights=[1.0, 0.7], lam=0.9)
+            want = _public_merge(d, base, alphas, combine, [1.0, 0.7], 0.9)
             for name, b in base.items():
                 if not b.is_floating_point():
                     assert merged[name] is base[name]
                     continue
-                ds = [d.deltas[i][name] for i in range(2)]
-                if name in d.units:
-                    dens = [tuple(d.allocations[i].densities[name]) for i in range(2)]
-                    want = dk.merge_deltas(ds, b, method=method, weight=[1.0, 0.7], densities=dens, alphas=alphas,
-                                           **{"lambda": 0.9}, **extra)
-                else:  # nonunit_mode dense: Δ × 1
-                    want = dk.merge_deltas(ds, b, method="ties" if combine == "ties" else "task_arithmetic",
-                                           weight=[1.0, 0.7], density=1.0, **{"lambda": 0.9},
-                                           normalize=combine != "sum")
-                assert torch.equal(merged[name], want), (combine, name)
+                assert torch.equal(merged[name], want[name]), (combine, name)
     finally:
         c.__exit__(None, None, None)
     for sd, old in zip([base, *fts], before):  # inputs untouched
@@ -226,6 +246,30 @@ def test_band_thresholds_match_the_reference_sort():
         keys = R.magnitude_keys(d.deltas[0][name], torch.bfloat16).reshape(-1).sort(descending=True).values
         for k, tau in zip(b.k, b.tau_key):
             assert k == 0 or int(keys[k - 1]) == tau
+
+
+@pytest.mark.parametrize("combine", ["sum", "ties"])
+@pytest.mark.parametrize("dtype, work", [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None),
+                                         (torch.float32, torch.bfloat16)])
+def test_search_candidates_are_bit_identical_to_plain_merges(dtype, work, combine):
+    """The candidate path of a search (merged into the evaluated model's tensors, with the unit plans,
+    the base in the working dtype and the alpha-free tensors kept from earlier candidates) gives, bit
+    for bit, the public ops' merge of the same factors, candidate after candidate; ``apply`` too."""
+    base, fts = _family(dtype, m=3, seed=5)
+    d = DPPA.from_models(base, fts, densities=[(0.1, 0.2), (0.05, 0.3), (0.2, 0.2)], dtype=work)
+    into = {k: torch.full_like(v, 7) for k, v in base.items()}
+    weights, lam = [1.0, 0.6, 0.8], 0.9
+    fresh_apply = d.apply((1.8, 1.0))  # before any plan is cached
+    for a in [(1.8, 0.0), (1.9, 0.0), (1.7, 0.0), (1.8, 1.0), (1.8, 1.1), (1.8, 0.0), (2.5, 0.3),
+              [(1.2, 0.4), (2.0, 1.0), (1.0, 0.0)], (1.8, 1.0)]:
+        got = d.merge(a, into=into, combine=combine, weights=weights, lam=lam)
+        work_base = {k: v.to(work) if work and v.is_floating_point() else v for k, v in base.items()}
+        want = _public_merge(d, work_base, a, combine, weights, lam)  # in the working dtype, cast once into ``into``
+        for name, t in want.items():
+            assert got[name] is into[name] and torch.equal(_bits(into[name]), _bits(t.to(dtype))), (a, name)
+        assert torch.equal(into["model.buffer_ids"], base["model.buffer_ids"])
+    for i, sd in enumerate(d.apply((1.8, 1.0))):
+        assert all(torch.equal(_bits(t), _bits(fresh_apply[i][n])) for n, t in sd.items())
 
 
 def test_merge_into_a_state_dict_in_place():

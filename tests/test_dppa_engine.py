@@ -78,3 +78,24 @@ def test_renormalize_in_the_config(fam, tmp_path):
     rep, _ = _merge(fam, tmp_path, "renorm", **args)
     for m in rep["dppa"]["models"]:
         assert m["clamped"] > 0 and m["mean_density"] == pytest.approx([0.05, 0.1], abs=1e-9)
+
+
+def test_alphas_preset_names_in_the_config(fam, tmp_path):
+    """``alphas: NAME`` (per model over global) merges like the preset's factors; an unknown name
+    is one error line naming the key, the value and the presets, and nothing is written."""
+    root, base, fts = fam
+    rep, named = _merge(fam, tmp_path, "named", params={"alphas": "top_only"},
+                        model_params=[{"weight": 1.0, "alphas": "amplified"}, {"weight": 0.6}])
+    _, explicit = _merge(fam, tmp_path, "explicit", model_params=[{"weight": 1.0, "alphas": [1.8, 1.0]},
+                                                                  {"weight": 0.6, "alphas": [1.0, 0.0]}])
+    assert named.keys() == explicit.keys() and all(torch.equal(named[k], explicit[k]) for k in named)
+    realised = list(rep["realised_density"].values())
+    # amplified keeps the outer level, top_only the inner one (raised a little by the clamped units)
+    assert realised[0] == pytest.approx(0.2, rel=0.01) and realised[1] == pytest.approx(0.1, abs=0.01)
+    for where in ({"params": {"alphas": "amplfied"}}, {"model_params": [{"alphas": "amplfied"}, {}]}):
+        cfg = write_config(tmp_path / "bad.yaml", "dppa", base, fts, **where)
+        r = cli("merge", cfg, "--out", tmp_path / "bad", "--no-progress")
+        lines = r.output.strip().splitlines()
+        assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+        assert "alphas: unknown preset 'amplfied'; valid: plain, top_only, official_start, amplified" in lines[0]
+        assert not (tmp_path / "bad").exists()

@@ -214,3 +214,62 @@ def test_engine_official_writes_what_the_api_does(tmp_path):
     bad = write_config(tmp_path / "bad.yaml", "dppa", base, fts, params={"compat": "official", "tie_mode": "exact_k"})
     r = cli("merge", bad, "--out", tmp_path / "bad", "--no-progress")
     assert r.exit_code != 0 and "compat official needs tie_mode" in r.output
+
+
+# -- Δ is the models' bf16 difference under compat official, whatever the working dtype --------
+
+
+def _bf16_family(tmp_path, base: dict, fts: list) -> tuple:
+    """``base`` and ``fts`` (bf16 state dicts) written as Llama folders."""
+    from dppa_kernels.engine.synth import llama_config, write_model
+
+    cfg = llama_config(HIDDEN, 1 + max(int(n.split(".")[2]) for n in base if ".layers." in n), INTER, 50)
+    dirs = [write_model(str(tmp_path / f"m{i}"), sd, cfg) for i, sd in enumerate([base, *fts])]
+    return dirs[0], dirs[1:]
+
+
+def test_official_rounds_the_delta_to_bf16_in_a_wider_working_dtype():
+    """bf16 models merged in fp32: compat official prunes and scales the bf16 difference (the
+    transcription's fp32 outputs exactly); the default keeps the fp32 difference unrounded."""
+    base, fts = _models(8)
+    alphas = (1.8, 1.0)
+    off = DPPA.from_models(base, fts, compat="official", offset_lambda=0.04, dtype=torch.float32, backend="cpu")
+    dflt = DPPA.from_models(base, fts, offset_lambda=0.04, dtype=torch.float32, backend="cpu")
+    got = off.apply(alphas)
+    for i, ft in enumerate(fts):
+        official = {n: ft[n] - base[n] for n in base}  # bf16, as the official pipeline forms it
+        exact = {n: ft[n].float() - base[n].float() for n in base}
+        for n in base:
+            assert off.deltas[i][n].dtype == torch.float32 and torch.equal(off.deltas[i][n], official[n].float()), n
+            assert torch.equal(dflt.deltas[i][n], exact[n]), n
+        want, _, _ = _official_dppa(official, sorted(off.units), *alphas, lam=0.04)
+        for n in base:
+            assert torch.equal(got[i][n], want[n]), (i, n)
+        # the rounding matters: the heavy-tailed survivors lose low bits (a few % of all elements)
+        kept_rounded = sum(int(((want[n] != 0) & (official[n].float() != exact[n])).sum()) for n in base)
+        assert kept_rounded > 100, kept_rounded
+
+
+@pytest.mark.parametrize("compat", ["official", "none"])
+def test_engine_rounds_the_delta_like_the_official_code_only_under_official(tmp_path, compat):
+    """``dppa merge`` of bf16 folders with ``dtype: float32``: under compat official the merge is
+    base + the transcription's pruned bf16 Δ (one model, exact in fp32); the default merges the
+    unrounded difference (the API's merge with the same settings, byte for byte)."""
+    base, fts = _models(9, n_ft=1)
+    base_dir, ft_dirs = _bf16_family(tmp_path, base, fts)
+    params = {"offset_lambda": 0.04, "compat": compat}
+    cfg = write_config(tmp_path / "c.yaml", "dppa", base_dir, ft_dirs, params=params,
+                       model_params=[{"weight": 1.0, "alphas": [1.8, 1.0]}], dtype="float32")
+    r = cli("merge", cfg, "--out", tmp_path / "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    merged = load_dir(tmp_path / "out")
+    api = DPPA.from_models(base, fts, offset_lambda=0.04, compat=None if compat == "none" else compat,
+                           dtype=torch.float32).merge((1.8, 1.0))
+    for n in base:
+        assert merged[n].dtype == torch.float32, n
+        assert torch.equal(merged[n].view(torch.int32), api[n].view(torch.int32)), n
+    if compat == "official":
+        units = sorted(DPPA.from_models(base, fts).units)
+        want, _, _ = _official_dppa({n: fts[0][n] - base[n] for n in base}, units, 1.8, 1.0, lam=0.04)
+        for n in base:
+            assert torch.equal(merged[n], base[n].float() + want[n]), n

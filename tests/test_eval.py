@@ -125,38 +125,24 @@ def test_evaluator_errors(uniform):
         E.loss(model, data=bad, tokenizer=tok)
 
 
-_LM_EVAL_TASK = """task: dppa_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+def test_prepared_data_is_reused_until_the_file_changes(trained, tmp_path, monkeypatch):
+    """A search calls the evaluator once per candidate: the tokenizer folder is loaded and the data
+    file parsed once, and read again only when the file changes."""
+    import transformers
 
+    from dppa_kernels.eval import evaluators
 
-def test_lm_eval_local_task(uniform, monkeypatch):
-    # lm-evaluation-harness is an optional extra ('dppa-kernels[eval]'); CI installs it.
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, tok, root = uniform
-    import json
-    docs = [{"prompt": "kv:a1?a=", "choices": ["1", "2"], "label": label} for label in (0, 1, 0, 0)]
-    data = root / "choice.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tasks = root / "lm_eval_tasks"
-    tasks.mkdir()
-    (tasks / "dppa_tiny_choice.yaml").write_text(_LM_EVAL_TASK.format(data=data))
-    # Uniform model: both choices are equally likely, lm-eval picks the first, so acc = 3/4.
-    score = E.lm_eval(model, tasks="dppa_tiny_choice", tokenizer=tok, include_path=tasks, metric="acc")
-    assert score == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="metric 'f1' is not among"):
-        E.lm_eval(model, tasks="dppa_tiny_choice", tokenizer=tok, include_path=tasks, metric="f1")
+    model, tok, exs, _, root = trained
+    reads, loads = [], []
+    real_read, real_load = evaluators._read_loss_data, transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(evaluators, "_read_loss_data", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    path = T.write_jsonl(exs[:10], tmp_path / "val.jsonl")
+    first = E.loss(model, data=path, tokenizer=root / "model")
+    assert E.loss(model, data=path, tokenizer=root / "model") == first and len(reads) == len(loads) == 1
+    assert E.loss(model, data=path, tokenizer=tok) == pytest.approx(first, rel=1e-6)  # another tokenizer object
+    assert len(reads) == 2 and len(loads) == 1
+    T.write_jsonl(exs[10:30], path)  # rewritten: read again, and its own loss
+    again = E.loss(model, data=path, tokenizer=root / "model")
+    assert len(reads) == 3 and again == pytest.approx(E.mean_token_loss(model, tok, exs[10:30]), rel=1e-6)
+    assert again != first

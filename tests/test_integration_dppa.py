@@ -236,3 +236,76 @@ def test_dppa_keeps_autograd_through_in_memory_inputs():
     g = sds[2][k].grad
     assert set(torch.unique(g).tolist()) == {0.0, 0.5 * default_alphas(1)[0]}
     assert 0.2 < float((g != 0).float().mean()) < 0.4  # density 0.3 ± DP's offsets
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {2: torch.int16, 4: torch.int32}
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(ints[a.element_size()]),
+                                                                      b.contiguous().view(ints[b.element_size()]))
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize("compat", ["official", "none"])
+def test_compat_in_mergekit_writes_the_bytes_of_dppa_merge(fam, tmp_path, compat, dtype):
+    """compat is read by one function on every path: mergekit's file-based run (the pre-pass), an
+    in-memory merge_state_dicts call and ``dppa merge`` write the same bytes, bf16 models merged
+    in bf16 or in fp32 (where compat official rounds Δ to bf16 and the default does not)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    glob = {"offset_lambda": 0.04, "compat": compat}
+    params = [{"weight": 1.0, "density": 0.2}, {"weight": 0.7, "sparsity": 0.7}]
+    cfg = config("dppa", fam, params, glob, dtype=dtype)
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_cli(["-m", "dppa_kernels", "merge", str(path), "--out", str(tmp_path / "cli")])
+    want = load(tmp_path / "cli")
+    got = run(cfg, tmp_path / "mk", ours=True)
+    dk.install()
+    wd = torch.float32 if dtype else None
+    with pytest.warns(UserWarning, match="no DPPA statistics pre-pass"):
+        mem = merge_state_dicts([load(d) for d in fam], "dppa", base=0, dtype=wd, out_dtype=wd,
+                                parameters={"weight": [1.0, 0.7], "density": {1: 0.2, 2: None},
+                                            "sparsity": {1: None, 2: 0.7}, **glob})
+    assert got.keys() == want.keys() == mem.keys()
+    for k in want:
+        assert _same_bytes(got[k], want[k]), k
+        assert _same_bytes(mem[k], want[k]), k
+
+
+def test_mergekit_parameters_come_from_the_registry():
+    """The parameters mergekit binds for dppa (file and in-memory) are the registry entry's
+    scalar mergekit parameters; the fast path reads the same whole-model keys as plain values."""
+    from mergekit.merge_methods import registry
+
+    from dppa_kernels.integrations.mergekit_dppa import PER_TENSOR, dppa_keys
+
+    dk.install()
+    for name in DPPA_METHODS:
+        entry = methods()[name]
+        declared = {p.name for p in registry._METHODS[name].spec.parameters}
+        assert declared == {p.name for p in entry.params if p.mergekit and p.type is not list}
+        keys = dppa_keys(name)
+        assert set(keys["per_model"] + keys["settings"]) | set(PER_TENSOR) == set(entry.names(mergekit=True))
+        assert set(keys["levels"]) == {"densities", "density", "sparsity"}
+
+
+def test_in_memory_call_takes_every_scalar_setting():
+    """density_renormalize, nonunit_mode, unit_pattern, compat reach an in-memory call's
+    statistics (they were refused before they were declared)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    sds, names = _state_dicts()
+    dk.install()
+    common = {"weight": [1.0, 0.5], "density": 0.1, "offset_lambda": 0.3}
+    with pytest.warns(UserWarning):
+        plain = merge_state_dicts(sds, "dppa", base=0, parameters=common)
+    with pytest.warns(UserWarning):
+        renorm = merge_state_dicts(sds, "dppa", base=0, parameters={**common, "density_renormalize": True})
+    assert any(not torch.equal(plain[k], renorm[k]) for k in names)
+    with pytest.warns(UserWarning, match="nonunit_mode 'base'"):
+        base_only = merge_state_dicts(sds, "dppa", base=0, parameters={**common, "nonunit_mode": "base"})
+    assert torch.equal(base_only["model.norm.weight"], sds[0]["model.norm.weight"])
+    with pytest.warns(UserWarning, match=r"2 DPPA unit\(s\)"):
+        merge_state_dicts(sds, "dppa", base=0, parameters={**common, "unit_pattern": r"layers\.0\."})
+    with pytest.raises(ValueError, match="compat must be one of none, official, got 'offical'"):
+        merge_state_dicts(sds, "dppa", base=0, parameters={**common, "compat": "offical"})

@@ -356,3 +356,43 @@ def test_fast_path_imports_no_mergekit_transformers_peft(fam, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "IMPORTED []" in res.stdout, res.stdout
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_density_renormalize_fast_path_matches_fallback(fam, tmp_path):
+    """density_renormalize is one of dppa's mergekit parameters (the registry's), so the fast path
+    takes it and agrees with the fallback's pre-pass; and it changes the merge (units are clamped)."""
+    params = [{"weight": 1.0, "densities": [0.05, 0.1], "alphas": [1.8, 1.0]}, {"weight": 0.7, "density": 0.1}]
+    glob = {"offset_lambda": 0.3, "tie_mode": "gt"}
+    (tmp_path / "on").mkdir()
+    fast, slow = both(config("dppa", fam, params, {**glob, "density_renormalize": True}), tmp_path / "on", *SEED)
+    assert_same(fast, slow)
+    off = tmp_path / "off"
+    assert cli_mod.try_fast([_write(config("dppa", fam, params, glob), tmp_path / "off.yml"), str(off), "--quiet"])
+    on, plain = load(fast), load(off)
+    assert any(not torch.equal(on[k], plain[k]) for k in on)
+
+
+def test_alphas_preset_names_on_both_paths(fam, tmp_path, capsys):
+    """``alphas: NAME`` (per model or global) merges like the preset's factors, on the fast path
+    and the fallback; an unknown name is one error line naming the key, the value and the presets."""
+    named = [{"weight": 1.0, "densities": [0.1, 0.2], "alphas": "amplified"}, {"weight": 0.7, "densities": [0.15, 0.3]}]
+    glob = {"offset_lambda": 0.05, "alphas": "top_only"}
+    (tmp_path / "named").mkdir()
+    fast, slow = both(config("dppa", fam, named, glob), tmp_path / "named", *SEED)
+    assert_same(fast, slow)
+    explicit = [dict(named[0], alphas=[1.8, 1.0]), dict(named[1], alphas=[1.0, 0.0])]
+    out = tmp_path / "explicit"
+    assert cli_mod.try_fast([_write(config("dppa", fam, explicit, {"offset_lambda": 0.05}), tmp_path / "e.yml"),
+                             str(out), "--quiet"])
+    a, b = load(fast), load(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = _write(config("dppa", fam, [dict(named[0], alphas="amplfied"), named[1]], glob), tmp_path / "bad.yml")
+    for flags in ([], ["--no-fast-path"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            cli_mod.main([bad, str(tmp_path / "bad"), "--quiet", *flags])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith("error: ") and "alphas: unknown preset 'amplfied'; valid: plain, top_only, " \
+            "official_start, amplified" in err, err
+        assert not (tmp_path / "bad").exists()

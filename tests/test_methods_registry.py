@@ -145,8 +145,9 @@ def test_installed_own_methods_declare_registry_specs():
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_each_sparsifier_knows_what_it_kept(backend):
-    """Sparsifier.realised equals the count of the reference factor's nonzeros (and the engine
-    report's count from the applied plan, where that is exact)."""
+    """Sparsifier.realised, given the plan the merge applied (none on the reference), equals the
+    count of the reference factor's nonzeros; the report's kept fraction is that value (DARE's
+    plan: the expected value, marked as such)."""
     from test_backend_parity import PRUNE_CASES
 
     from dppa_kernels import reference as R
@@ -159,10 +160,38 @@ def test_each_sparsifier_knows_what_it_kept(backend):
         spec = dk.ops.sparsify_spec(method, **kw)
         plan = None if backend == "reference" else dk.ops.make_plan(get_backend(backend), x, spec, seed=3, name="w",
                                                                      stream=1)
-        got = sparsifiers()[method].realised(x, spec, seed=3, name="w", stream=1, hist=None, backend=backend,
-                                             plan=plan)
+        sp = sparsifiers()[method]
+        got = sp.realised(x, spec, seed=3, name="w", stream=1, backend=backend, plan=plan)
         f = R.sparsify_factor(x, spec, seed=3, name="w", stream=1)
         assert got == float((f != 0).sum()) / x.numel(), (method, kw)
-        frac, exact = kept_fraction(plan, spec, x, seed=3, name="w", stream=1)
-        if exact:
-            assert got == frac, (method, kw)
+        guess = sp.expected(spec, plan)
+        want = (got, True) if guess is None else (guess, False)
+        assert kept_fraction(plan, spec, x, seed=3, name="w", stream=1) == want, (method, kw)
+        assert (guess is None) == (plan is None or plan.kind != "dare"), (method, kw)
+
+
+def test_the_report_counts_only_through_the_sparsifier(monkeypatch):
+    """The merge report holds no counting rule of its own, so it cannot drift from the registry:
+    for every sparsifier its kept fraction is what ``realised`` returns (with the plan, seed, name
+    and stream of the tensor), or ``expected`` where that gives a value; its target is ``target``."""
+    from dppa_kernels.backends.base import ApplyPlan
+    from dppa_kernels.engine.recipe import Recipe
+    from dppa_kernels.engine.report import kept_fraction, tensor_row
+    from dppa_kernels.spec import CombineSpec, SparsifySpec
+
+    x, plan = torch.ones(10), ApplyPlan("dense")
+    for name, sp in sparsifiers().items():
+        calls = []
+        cls = type(sp)
+        monkeypatch.setattr(cls, "realised", lambda self, d, s, **kw: calls.append((d, s, kw)) or 0.125)
+        monkeypatch.setattr(cls, "expected", lambda self, s, p: None)
+        monkeypatch.setattr(cls, "target", lambda self, s: [name])
+        spec = SparsifySpec(name)
+        assert kept_fraction(plan, spec, x, seed=4, name="t", stream=2) == (0.125, True), name
+        assert calls == [(x, spec, dict(seed=4, name="t", stream=2, plan=plan))], name
+        row = tensor_row(Recipe((1.0,), (spec,), CombineSpec()), [x], [plan], seed=4, name="t")
+        assert row == {"target": [[name]], "realised": [0.125]}, name
+        monkeypatch.setattr(cls, "expected", lambda self, s, p: 0.5)
+        assert kept_fraction(plan, spec, x, seed=4, name="t", stream=2) == (0.5, False), name
+        row = tensor_row(Recipe((1.0,), (spec,), CombineSpec()), [x], [plan], seed=4, name="t")
+        assert row == {"target": [[name]], "realised": [0.5], "expected": [0]}, name

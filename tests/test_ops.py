@@ -1,120 +1,24 @@
-"""Public ops on every CPU-side backend vs the reference; input validation."""
+"""Public ops: input validation, NaN/Inf found by the passes themselves, inputs left unmodified,
+on every backend (tests/backends.py). What each backend computes against the reference is in
+tests/test_backend_parity.py."""
 
 import os
 import re
 
 import pytest
 import torch
-from helpers import (assert_merge_close, assert_ulp_close, DTYPE_IDS, DTYPES, family, fp32_unsure_elections,
-                     quantised_delta, realistic_delta)
+from backends import BACKENDS, on
+from helpers import DTYPE_IDS, DTYPES, family, realistic_delta
 
 import dppa_kernels as dk
 from dppa_kernels.backends.registry import availability
 
-FAST = ["torch", "cpu"]
 
-
-def _backend(name):
-    ok, why = availability()[name]
-    if not ok:
-        # e.g. the C++ extension was not built (DPPA_SKIP_CPP_BUILD=1): torch still runs every case.
-        pytest.skip(f"{name} backend not available here: {why}")
-    return name
-
-
-@pytest.fixture(params=FAST)
-def backend(request):
-    return _backend(request.param)
-
-
-_ulp_close = assert_ulp_close
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (5, 123, 41)], ids=str)
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_threshold_matches_reference(backend, dtype, shape, partition):
-    x = realistic_delta(shape, dtype, sigma=1e-4)
-    n = x.numel()
-    for d in (0.0, 1.0 / n, 0.2, 0.5, 1.0):
-        kw = dict(partition=partition, block_size=97, return_counts=True)
-        ref = dk.magnitude_threshold(x, d, backend="reference", **kw)
-        got = dk.magnitude_threshold(x, d, backend=backend, **kw)
-        for key in ("tau_key", "c_above", "c_eq", "k"):
-            assert torch.equal(got[key], ref[key]), (key, d)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("tie_mode", ["exact_k", "ge", "gt"])
-@pytest.mark.parametrize("partition", ["tensor", "row", "block"])
-def test_magnitude_prune_masks_identical_with_heavy_ties(backend, dtype, tie_mode, partition):
-    x = quantised_delta((9, 7, 41), dtype, levels=5)
-    for d in (0.0, 1 / x.numel(), 0.2, 0.5, 1.0):
-        kw = dict(density=d, tie_mode=tie_mode, partition=partition, block_size=50)
-        assert torch.equal(dk.prune(x, "magnitude", backend=backend, **kw),
-                           dk.prune(x, "magnitude", backend="reference", **kw)), d
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_other_prune_methods_match_reference(backend, dtype):
-    x = realistic_delta((37, 129), dtype, sigma=2e-3)
-    cases = [("dare", dict(density=0.3, rescale="inv_density")), ("dare", dict(density=0.3, rescale="l1")),
-             ("della", dict(density=0.4, epsilon=0.1, rescale="l1")), ("breadcrumbs", dict(density=0.2, gamma=0.05)),
-             ("bands", dict(densities=(0.1, 0.2), alphas=(1.8, 1.0))),
-             ("bands", dict(densities=(0.05, 0.1, 0.3), alphas=(2.0, 1.5, 1.0), band_combine="direct",
-                            tie_mode="exact_k", partition="row"))]
-    for method, kw in cases:
-        ref = dk.prune(x, method, seed=11, name="layer.w", backend="reference", **kw)
-        got = dk.prune(x, method, seed=11, name="layer.w", backend=backend, **kw)
-        assert torch.equal(got != 0, ref != 0), method
-        _ulp_close(got, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                                    "breadcrumbs_ties", "della", "della_linear", "dppa", "dppa_ties"])
-def test_merge_matches_reference(backend, dtype, method):
-    base, deltas = family((33, 65), 3, dtype, sigma=1e-3)
-    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
-    if method.startswith("della"):
-        params["epsilon"] = 0.1
-    if method.startswith("dppa"):
-        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]],
-                  "alphas": [1.8, 1.0]}
-    ref = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="reference", **params)
-    got = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend=backend, **params)
-    assert got.dtype == base.dtype
-    _ulp_close(got, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dppa_ties"])
-def test_large_ties_merge_elects_like_fp32(backend, dtype, method):
-    """The GPU suite's merge case (257 × 1031): at a few elements the float64 vote of weights
-    (1, 0.7, −0.3) cancels to within fp32 rounding, and every fp32 backend elects the other sign
-    than the float64 reference there. Those elements are flagged (and few); all others are within
-    an ulp; and the CPU backends agree bit for bit (the one fp32 formula)."""
-    base, deltas = family((257, 1031), 3, dtype, sigma=1e-3)
-    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
-    if method.startswith("dppa"):
-        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]],
-                  "alphas": [1.8, 1.0]}
-    ref = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="reference", **params)
-    got = dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend=backend, **params)
-    unsure = fp32_unsure_elections(deltas, method, params, seed=5, name="t")
-    assert_merge_close(got, ref, dtype, unsure)
-    tol = torch.finfo(dtype).eps * ref.double().abs() + 8 * torch.finfo(torch.float32).eps * ref.double().abs().max()
-    flipped = (got.double() - ref.double()).abs() > tol
-    assert bool(unsure[flipped].all())  # every flip is flagged (ties-fp16: 1, ties-bf16: 4 flips)
-    assert torch.equal(got, dk.merge_deltas(deltas, base, method=method, seed=5, name="t", backend="torch", **params))
-
-
-def test_merge_without_base_and_out_dtype(backend):
-    _, deltas = family((100,), 2, torch.bfloat16)
-    got = dk.merge_deltas(deltas, None, method="ties", density=0.5, out_dtype=torch.float32, backend=backend)
-    ref = dk.merge_deltas(deltas, None, method="ties", density=0.5, out_dtype=torch.float32, backend="reference")
-    assert got.dtype == torch.float32
-    _ulp_close(got, ref, torch.float32)
+@pytest.fixture(params=BACKENDS)
+def any_backend(request):
+    """(backend, device) of every backend that runs here (tests/backends.py: triton on CPU tensors
+    under the interpreter, triton and cuda on CUDA tensors on a GPU machine)."""
+    return request.param, on(request.param).type
 
 
 def test_dp_densities_from_deltas_equals_from_histograms():
@@ -126,20 +30,24 @@ def test_dp_densities_from_deltas_equals_from_histograms():
     assert a.densities == b.densities and len(a.densities) == 6
 
 
-def test_inputs_are_not_modified(backend):
+def test_inputs_are_not_modified(any_backend):
+    be, device = any_backend
     base, deltas = family((64, 64), 3, torch.bfloat16)
+    base, deltas = base.to(device), [d.to(device) for d in deltas]
     copies = [d.clone() for d in deltas], base.clone()
-    dk.merge_deltas(deltas, base, method="dare_ties", density=0.3, backend=backend)
-    dk.prune(deltas[0], "magnitude", density=0.3, backend=backend)
+    dk.merge_deltas(deltas, base, method="dare_ties", density=0.3, backend=be)
+    dk.prune(deltas[0], "magnitude", density=0.3, backend=be)
     assert all(torch.equal(a, b) for a, b in zip(deltas, copies[0])) and torch.equal(base, copies[1])
 
 
-def test_non_contiguous_and_empty_inputs(backend):
+def test_non_contiguous_and_empty_inputs(any_backend):
+    be, device = any_backend
     x = realistic_delta((64, 32), torch.float32).t()
-    assert torch.equal(dk.prune(x, "magnitude", density=0.3, backend=backend),
-                       dk.prune(x.contiguous(), "magnitude", density=0.3, backend="reference"))
-    e = torch.empty(0, 8)
-    assert dk.prune(e, "magnitude", density=0.5, backend=backend).shape == (0, 8)
+    got = dk.prune(x.to(device), "magnitude", density=0.3, backend=be)
+    assert not x.to(device).is_contiguous()
+    assert torch.equal(got.cpu(), dk.prune(x.contiguous(), "magnitude", density=0.3, backend="reference"))
+    e = torch.empty(0, 8, device=device)
+    assert dk.prune(e, "magnitude", density=0.5, backend=be).shape == (0, 8)
 
 
 @pytest.mark.parametrize("call, exc, words", [
@@ -200,21 +108,6 @@ def test_forced_unavailable_backend_raises_with_reason():
 
 
 # ---------------------------------------------------------------- NaN/Inf: found by the passes themselves
-
-ALL_FAST = ["torch", "cpu", "triton", "cuda"]
-
-
-@pytest.fixture(params=ALL_FAST)
-def any_backend(request):
-    """(backend, device) for every fast backend that runs here: triton under the interpreter on CPU
-    tensors (CI), triton and cuda on CUDA tensors on a GPU machine."""
-    name = request.param
-    gpu = name == "cuda" or (name == "triton" and os.environ.get("TRITON_INTERPRET") != "1")
-    if gpu and not torch.cuda.is_available():
-        # These backends run on CUDA tensors here; the CPU-only CI exercises triton interpreted.
-        pytest.skip(f"{name} on CUDA tensors needs a CUDA device")
-    return _backend(name), ("cuda" if gpu else "cpu")
-
 
 def _poisoned(shape, dtype, device, seed=0):
     """(finite delta, the same with a NaN at a random element and -Inf at the last one)."""

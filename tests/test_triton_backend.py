@@ -7,53 +7,35 @@ On a GPU machine the same file runs on CUDA tensors: ``TRITON_INTERPRET=0 pytest
 Shapes are small and kernels use large blocks under the interpreter (~1 ms per program instance).
 """
 
-import os
+import pytest
+import torch
+from backends import assert_triton_runs, compile_check, triton_target
+from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+import dppa_kernels as dk
+from dppa_kernels.backends.base import ApplyPlan
+from dppa_kernels.backends.torch_backend import TorchBackend
+from dppa_kernels.reference import rng
+from dppa_kernels.reference.dppa import histogram_ref
+from dppa_kernels.reference.threshold import magnitude_mask_ref, magnitude_threshold_ref
+from dppa_kernels.spec import CombineSpec
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+INTERPRET, DEVICE = triton_target()
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, family, quantised_delta, realistic_delta  # noqa: E402
-
-import dppa_kernels as dk  # noqa: E402
-from dppa_kernels.backends.base import ApplyPlan  # noqa: E402
-from dppa_kernels.backends.torch_backend import TorchBackend  # noqa: E402
-from dppa_kernels.reference import rng  # noqa: E402
-from dppa_kernels.reference.dppa import histogram_ref  # noqa: E402
-from dppa_kernels.reference.threshold import magnitude_mask_ref, magnitude_threshold_ref  # noqa: E402
-from dppa_kernels.spec import CombineSpec  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
 from dppa_kernels.kernels import apply as kapply  # noqa: E402
 from dppa_kernels.kernels import histogram as khist  # noqa: E402
 from dppa_kernels.kernels import select as kselect  # noqa: E402
 from dppa_kernels.kernels.common import hash_bits  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-# Compiled Triton needs a GPU; without one these tests run under the interpreter (CI sets
-# TRITON_INTERPRET=1), so a skip here only means TRITON_INTERPRET=0 was asked for on a CPU machine.
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _really_triton():
-    """A GPU-less run must exercise the interpreted kernels, not silently a fallback."""
-    be = TritonBackend()
-    ok, why = be.available()
-    assert ok, why
-    assert be.supports(torch.device(DEVICE))
-    if INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        assert isinstance(kselect._window_count_kernel, InterpretedFunction)
+    assert_triton_runs(kselect._window_count_kernel)
+    assert TritonBackend().supports(torch.device(DEVICE))
 
 
 def _dev(t):
@@ -228,42 +210,10 @@ def test_apply_writes_nothing_out_of_bounds():
     assert bool((sentinel[n:] == 7.0).all())
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dppa_ties", "della"])
-def test_merge_bytes_equal_torch_backend(out_dtype, method):
-    """The fused pass computes the torch backend's fp32 formula op for op (each op rounded, IEEE
-    division, model order), so the bytes are equal; on a GPU this holds only because the kernel is
-    launched without fp fusion (``kernels.apply.LAUNCH``). Not bf16 under the interpreter (its
-    fp32 -> bf16 stores truncate)."""
-    base, deltas = family((61, 257), 3, torch.float16, sigma=1e-3)
-    base = base.to(out_dtype)
-    params = {"density": [0.2, 0.3, 0.5], "weight": [1.0, 0.7, -0.3]}
-    if method == "della":
-        params["epsilon"] = 0.1
-    if method.startswith("dppa"):
-        params = {"weight": [1.0, 0.7, 0.5], "densities": [[0.1, 0.2], [0.15, 0.3], [0.1, 0.1]], "alphas": [1.8, 1.0]}
-    kw = dict(method=method, seed=5, name="t", normalize=True, **params)
-    got = dk.merge_deltas([_dev(d) for d in deltas], _dev(base), backend="triton", **kw).cpu()
-    want = dk.merge_deltas(deltas, base, backend="torch", **kw)
-    assert torch.equal(got, want), int((got != want).sum())
-
-
-def test_empty_and_non_contiguous_inputs():
-    x = realistic_delta((64, 33), torch.float32).t()  # non-contiguous: ops makes it contiguous
-    got = dk.prune(_dev(x), "magnitude", density=0.3, backend="triton").cpu()
-    assert torch.equal(got, dk.prune(x, "magnitude", density=0.3, backend="reference"))
-    e = torch.zeros((0, 5), device=DEVICE)
-    assert dk.prune(e, "magnitude", density=0.3, backend="triton").shape == (0, 5)
-
-
 # ---------------------------------------------------------------- GPU compile (no GPU needed)
 
 
 def test_kernels_compile_for_sm90():
     """Lower every kernel through triton's GPU pipeline to cubin (the interpreter accepts code the
     compiler rejects, e.g. non-constexpr globals); no driver needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "dppa_kernels.kernels.compile_check", "90"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled" in r.stdout
+    assert "compiled" in compile_check("90")

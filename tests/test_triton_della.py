@@ -8,38 +8,28 @@ differently. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; with
 test at the end. Shapes are small: the interpreter costs about 1 ms per program and per sort stage.
 """
 
-import os
+import math
+from fractions import Fraction
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+import pytest
+import torch
+from backends import assert_triton_runs, compile_check, record_launches, triton_target
+from helpers import DTYPE_IDS, DTYPES, assert_ulp_close, family, quantised_delta, realistic_delta
 
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from fractions import Fraction  # noqa: E402
+import dppa_kernels as dk
+from dppa_kernels.backends.cpu import CpuBackend
+from dppa_kernels.reference import rng
+from dppa_kernels.reference import sparsify as SP
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, assert_ulp_close, family, quantised_delta, realistic_delta  # noqa: E402
+INTERPRET, DEVICE = triton_target()
 
-import dppa_kernels as dk  # noqa: E402
-from dppa_kernels.backends.cpu import CpuBackend  # noqa: E402
-from dppa_kernels.reference import rng  # noqa: E402
-from dppa_kernels.reference import sparsify as SP  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dppa_kernels.backends.cuda import CudaBackend  # noqa: E402
 from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
 from dppa_kernels.kernels import della as kdella  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-# Compiled Triton needs a GPU; without one these tests run under the interpreter (CI sets
-# TRITON_INTERPRET=1), so a skip here only means TRITON_INTERPRET=0 was asked for on a CPU machine.
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 CPU = CpuBackend()
 CPU_OK, CPU_WHY = CPU.available()
 TRITON = TritonBackend()
@@ -49,13 +39,7 @@ CASES = [(0.4, 0.15), (0.002, 0.001), (0.998, 0.0015), (0.3, 0.0), (0.2, 0.2)]
 
 @pytest.fixture(scope="module", autouse=True)
 def _really_triton():
-    """A GPU-less run must exercise the interpreted kernels, not silently a fallback."""
-    ok, why = TRITON.available()
-    assert ok, why
-    if INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        assert isinstance(kdella._della_sort_kernel, InterpretedFunction)
+    assert_triton_runs(kdella._della_sort_kernel)
 
 
 def _ref_mask(x, density, epsilon, seed, name, stream=0):
@@ -195,16 +179,8 @@ def test_shared_memory_budget_selects_ranked_path(monkeypatch):
     x = realistic_delta((3, 1000), torch.float32, sigma=1e-3)
     assert kdella.sort_smem(1000, 3, 31) == 1024 * 8 * (4 if INTERPRET else 2)
     assert kdella.sort_smem(32768, 1, 15) == 32768 * 4 and kdella.sort_smem(16384, 1, 31) == 16384 * 8
-    calls = []
-    real = kdella._della_ranked_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
     monkeypatch.setattr(kdella, "_smem_budget", lambda device: 0)
-    monkeypatch.setattr(kdella, "_della_ranked_kernel", Spy())
+    calls = record_launches(monkeypatch, kdella, "_della_ranked_kernel")
     _check(x, 0.3, 0.1, seed=4, max_sort=1 << 15)
     assert calls, "a tile over the shared-memory budget must take the ranked path"
 
@@ -335,12 +311,9 @@ def test_backends_expose_della_mask():
 def test_della_kernels_compile_for_sm90_without_fma():
     """Lower the DELLA kernels to sm_90 cubin and check their PTX rounds every fp64 op (no fma);
     also report that triton's default fp fusion would have produced fmas."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "dppa_kernels.kernels.compile_check", "90", "della"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert "compiled 8 Triton kernels" in r.stdout
-    assert "as launched: 0" in r.stdout
+    out = compile_check("90", "della")
+    assert "compiled 8 Triton kernels" in out
+    assert "as launched: 0" in out
 
 
 # ---------------------------------------------------------------- GPU only: real shapes

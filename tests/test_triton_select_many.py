@@ -4,28 +4,19 @@ Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors; with ``TRITON_INTER
 machine the same tests run on CUDA tensors.
 """
 
-import os
+import pytest
+import torch
+from backends import record_launches, triton_target
+from helpers import DTYPE_IDS, DTYPES, quantised_delta, realistic_delta
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+from dppa_kernels.backends.base import NonFiniteInput
+from dppa_kernels.reference.threshold import magnitude_threshold_ref
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, quantised_delta, realistic_delta  # noqa: E402
-
-from dppa_kernels.backends.base import NonFiniteInput  # noqa: E402
-from dppa_kernels.reference.threshold import magnitude_threshold_ref  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
+INTERPRET, DEVICE = triton_target()
 
 from dppa_kernels.backends.triton import TritonBackend  # noqa: E402
 from dppa_kernels.kernels import select_many as kmany  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-# Compiled Triton needs a GPU; without one these tests run under the interpreter (CI sets
-# TRITON_INTERPRET=1), so a skip here only means TRITON_INTERPRET=0 was asked for on a CPU machine.
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 BE = TritonBackend()
 
 
@@ -56,15 +47,7 @@ def test_select_many_matches_reference(dtype, key_dtype):
 
 
 def test_select_many_is_one_launch_for_many_tensors(monkeypatch):
-    launches = []
-    real = kmany._select_many_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kmany, "_select_many_kernel", Spy())
+    launches = record_launches(monkeypatch, kmany, "_select_many_kernel")
     g = torch.Generator().manual_seed(3)
     xs = [realistic_delta((int(n),), torch.bfloat16, sigma=1e-3, seed=int(n))
           for n in torch.randint(1, 200, (300,), generator=g)]

@@ -1,8 +1,9 @@
 """DPPA phase B, the allocation: per-unit densities from the histograms.
 
 The DP rule itself is the reference's (:func:`reference.dp_allocate`, the definition every path
-uses); this module adds what a whole-model run needs around it: the settings in one place, the
-optional renormalisation after clamping, and the per-model summary.
+uses); this module adds what a whole-model run needs around it: the settings in one place
+(:func:`resolve_options`, which every caller uses to read a merge's parameters and ``compat``),
+the optional renormalisation after clamping, and the per-model summary.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from ..ops import dp_densities
 from ..reference.dppa import DPAllocation
-from .defaults import check_compat
+from .defaults import DEFAULT_SETTINGS, check_compat, resolve_settings
+from .stats import delta_round_dtype, stats_dtype_of
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,48 @@ class DPSettings:
         return {"offset_lambda": self.offset_lambda, "outlier_mult_layer": self.outlier_mult_layer,
                 "outlier_mult_unit": self.outlier_mult_unit, "density_clamp": tuple(self.density_clamp),
                 "compat": self.compat}
+
+
+@dataclass(frozen=True)
+class DPPAOptions:
+    """What one DPPA merge's whole-model parameters and ``compat`` settle, resolved once.
+
+    ``spec``: the band specs' settings (``tie_mode``, ``count_rule``, ``band_combine``,
+    ``stats_dtype``); ``nonunit_mode``; ``dp``: the allocation settings. Under
+    ``compat="official"`` a unit at density 1 still drops its minima (``official``) and Δ is
+    rounded to bf16 before pruning (``delta_dtype``)."""
+
+    dp: DPSettings
+    spec: dict
+    nonunit_mode: str
+
+    @property
+    def official(self) -> bool:
+        return self.dp.compat == "official"
+
+    @property
+    def delta_dtype(self) -> Optional[torch.dtype]:
+        return delta_round_dtype(self.dp.compat)
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        return stats_dtype_of(self.spec["stats_dtype"])
+
+
+def resolve_options(params: Mapping) -> DPPAOptions:
+    """The :class:`DPPAOptions` of config-style parameters (``compat``, ``tie_mode``, ...,
+    ``offset_lambda``, ``density_clamp``, ``density_renormalize``; unknown keys and None values
+    ignored). The one reading of ``compat`` for ``dppa merge``, the mergekit integration (pre-pass
+    and in-memory calls) and the fast path: the settings ``compat`` decides default to its values
+    (``defaults.resolve_settings``); ValueError names a bad key and value."""
+    from ..methods import NONUNIT_MODES
+
+    spec = resolve_settings(params.get("compat"), {k: params.get(k) for k in DEFAULT_SETTINGS})
+    nonunit = spec.pop("nonunit_mode")
+    if nonunit not in NONUNIT_MODES:
+        raise ValueError(f"nonunit_mode must be one of {', '.join(NONUNIT_MODES)}, got {str(nonunit)[:40]!r}")
+    stats_dtype_of(spec["stats_dtype"])  # validates the name
+    return DPPAOptions(DPSettings.from_params(params), spec, nonunit)
 
 
 def _shift_to_mean(raw: list, sizes: list, target: float, lo: float, hi: float) -> list:

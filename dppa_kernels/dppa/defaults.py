@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence, Union
 
+from ..vocab import DTYPE_NAMES, STATS_DTYPES
+
 DEFAULT_DENSITIES = (0.1, 0.2)
 DEFAULT_PRESET = "plain"
 # exact_k: every level keeps exactly its count, so "density 0.2" realises 0.2 even with the many
@@ -29,7 +31,6 @@ DEFAULT_SETTINGS = {"tie_mode": DEFAULT_TIE_MODE, "nonunit_mode": "dense", "coun
                     "band_combine": "max", "stats_dtype": "bfloat16"}
 OFFICIAL_SETTINGS = {"tie_mode": "gt", "nonunit_mode": "official", "count_rule": "dppa",
                      "band_combine": "max", "stats_dtype": "bfloat16"}
-_ALIASES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_compat(compat) -> Optional[str]:
@@ -51,7 +52,8 @@ def resolve_settings(compat, given: Mapping) -> dict:
     for key, value in given.items():
         if key not in base or value is None:
             continue
-        name = _ALIASES.get(value, value) if isinstance(value, str) else str(value).removeprefix("torch.")
+        name = (DTYPE_NAMES[STATS_DTYPES[value]] if value in STATS_DTYPES else value) if isinstance(value, str) \
+            else str(value).removeprefix("torch.")
         if official and name != base[key]:
             raise ValueError(f"compat official needs {key} {base[key]!r}, got {str(value)[:40]!r} "
                              f"(leave it unset or drop compat)")

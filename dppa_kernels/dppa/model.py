@@ -146,6 +146,7 @@ class DPPA:
             t = into.get(name)
             if t is not None and t.numel() and b.numel() and t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
                 self.base[name] = b.clone()
+                self._base_work.pop(name, None)
 
     @classmethod
     def from_models(cls, base: Mapping[str, torch.Tensor], fts: Sequence[Mapping[str, torch.Tensor]],
@@ -198,7 +199,7 @@ class DPPA:
             if wd not in WORK_DTYPES:
                 raise TypeError(f"{label}: tensor {name!r} would be merged in {wd}; DPPA works in bf16, fp16 or fp32")
             with torch.no_grad():
-                d = S.form_delta(b, x, wd).contiguous()
+                d = S.form_delta(b, x, wd, compat=self.settings.compat).contiguous()
             if not bool(torch.isfinite(d.sum())) and bool((~torch.isfinite(d)).any()):
                 raise ValueError(f"{label}: the delta of tensor {name!r} has NaN/Inf values")
             out[name] = d
@@ -208,6 +209,8 @@ class DPPA:
         """Phase A and B: histograms, allocation, the per-unit band cache; non-unit plan templates."""
         self.stats_passes += 1
         self.allocations, self.bands, self._templates = [], [], []
+        self._unit_plans = [dict() for _ in range(self.m)]  # {unit: plan}: per call only the factors change
+        self._base_work: dict = {}  # {name: base in the working dtype} where that is a conversion
         sizes = {n: self.deltas[0][n].numel() for n in self.units}
         self.summary = []
         for i in range(self.m):
@@ -247,7 +250,7 @@ class DPPA:
     def _plans(self, alphas: list, name: str, models: Sequence[int]) -> list:
         """The plans of tensor ``name`` for ``models`` (``alphas``: one entry each)."""
         if name in self.units:
-            return [self.bands[i][name].plan(factors_of(a, self.band_combine), self.tie_mode)
+            return [replace(self._unit_plan(i, name), factors=factors_of(a, self.band_combine))
                     for a, i in zip(alphas, models)]
         out = []
         for a, i in zip(alphas, models):
@@ -258,6 +261,25 @@ class DPPA:
                 p = replace(p, factors=factors_of(a, self.band_combine))
             out.append(p)
         return out
+
+    def _unit_plan(self, i: int, name: str) -> ApplyPlan:
+        """Model i's threshold plan of unit ``name`` (placeholder factors), built once."""
+        plan = self._unit_plans[i].get(name)
+        if plan is None:
+            plan = self.bands[i][name].plan((1.0,) * len(self.levels[i]), self.tie_mode)
+            self._unit_plans[i][name] = plan
+        return plan
+
+    def _work_base(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The base tensor in the working dtype, converted once (not cached when no conversion is
+        needed, so that :meth:`_unalias` replacing the base takes effect)."""
+        bw = self._base_work.get(name)
+        if bw is None:
+            b = self.base[name]
+            bw = b.to(dtype).contiguous()
+            if bw is not b:
+                self._base_work[name] = bw
+        return bw
 
     def apply(self, alphas: Alphas = None) -> list:
         """Pruned and amplified deltas, one ``{name: Δ'}`` per fine-tuned model (dtype of Δ).
@@ -332,8 +354,8 @@ class DPPA:
                 if b.numel() == 0:
                     out[name] = b.to(od).clone()
                     continue
-                bw = b.to(ds[0].dtype).contiguous()
-                out[name] = self._be.apply(ds, bw, self._plans(al, name, sel), w, spec, od)
+                out[name] = self._be.apply(ds, self._work_base(name, ds[0].dtype), self._plans(al, name, sel), w,
+                                           spec, od)
                 if into is not None:
                     out[name] = into[name].copy_(out[name])
         if into is not None:

@@ -14,9 +14,9 @@ import torch
 
 from ..ops import tensor_histogram
 from ..reference.naming import group_units
+from ..vocab import STATS_DTYPES
+from .defaults import OFFICIAL_SETTINGS, check_compat
 
-STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16}
 
 
 def stats_dtype_of(name) -> torch.dtype:
@@ -36,10 +36,27 @@ def unit_histogram(delta: torch.Tensor, stats_dtype: torch.dtype = torch.bfloat1
     return tensor_histogram(delta, stats_dtype=stats_dtype, check_finite=False, backend=backend)
 
 
-def form_delta(base: torch.Tensor, ft: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Δ = ft − base in ``dtype`` (default: the pair's promoted dtype), rounded once."""
+def delta_round_dtype(compat) -> Optional[torch.dtype]:
+    """The dtype Δ is rounded to before pruning: bf16 under ``compat="official"`` (the official
+    procedure forms Δ = ft − base in the models' bf16 and prunes that), else None (Δ keeps the
+    working dtype)."""
+    return STATS_DTYPES[OFFICIAL_SETTINGS["stats_dtype"]] if check_compat(compat) == "official" else None
+
+
+def form_delta(base: torch.Tensor, ft: torch.Tensor, dtype: Optional[torch.dtype] = None, *,
+               compat=None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Δ = ft − base in ``dtype`` (default: the pair's promoted dtype), rounded once.
+
+    Under ``compat="official"`` the difference (in at least fp32) is rounded once to bf16 and
+    held in ``dtype``: the bf16 Δ the official procedure prunes (for bf16 inputs, the same bits
+    as the bf16 subtraction). ``out``: a tensor of ``dtype`` and base's shape to write into."""
     dt = dtype or torch.promote_types(base.dtype, ft.dtype)
-    return torch.sub(ft.to(dt), base.to(dt))
+    rd = delta_round_dtype(compat)
+    if rd is None or rd == dt:
+        return torch.sub(ft.to(dt), base.to(dt), out=out)
+    wide = torch.promote_types(dt, torch.float32)
+    rounded = torch.sub(ft.to(wide), base.to(wide)).to(rd)
+    return rounded.to(dt) if out is None else out.copy_(rounded)
 
 
 def _open(model_dir: str):
@@ -66,9 +83,10 @@ def unit_layers(model_dir: str, *, unit_pattern: Optional[str] = None,
 
 def folder_histograms(base_dir: str, model_dir: str, names: Sequence[str], *, dtype=None,
                       stats_dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                      backend: str = "auto") -> dict:
-    """{unit name: histogram of Δ = ft − base} of two checkpoint folders; Δ formed in ``dtype``
-    (a dtype or a per-name mapping; default: the pair's promoted dtype) on ``device``."""
+                      backend: str = "auto", compat=None) -> dict:
+    """{unit name: histogram of Δ = ft − base} of two checkpoint folders; Δ formed by
+    :func:`form_delta` in ``dtype`` (a dtype or a per-name mapping; default: the pair's promoted
+    dtype) on ``device``."""
     base, ft = _open(base_dir), _open(model_dir)
     hists = {}
     try:
@@ -79,7 +97,7 @@ def folder_histograms(base_dir: str, model_dir: str, names: Sequence[str], *, dt
                 raise ValueError(f"{name}: shape {tuple(ft.tensors[name].shape)} in {model_dir!r} differs "
                                  f"from the base's {tuple(base.tensors[name].shape)}")
             dt = dtype.get(name) if isinstance(dtype, Mapping) else dtype
-            delta = form_delta(base.read(name).to(device), ft.read(name).to(device), dt)
+            delta = form_delta(base.read(name).to(device), ft.read(name).to(device), dt, compat=compat)
             hists[name] = unit_histogram(delta, stats_dtype, backend)
             del delta
     finally:

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..dppa.stats import form_delta
 from ..ops import merge_planned
 from .errors import MergeError, brief, clip
 from .recipe import Recipe
@@ -18,8 +19,10 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor], worksp
     """(base in the working dtype, Δ_i = (ft_i − base) rounded to the working dtype).
 
     The subtraction runs in float32 (float64 for float64 work), then rounds once: the same values
-    as mergekit's subtraction in the working dtype. NaN/Inf in any delta is an error: found here
-    by one reduction per delta, or with ``check_finite=False`` by the merge's own passes
+    as mergekit's subtraction in the working dtype (a DPPA merge under ``compat: official``
+    rounds Δ to bf16 instead, held in the working dtype: ``dppa.stats.form_delta``). NaN/Inf in
+    any delta is an error: found here by one reduction per delta, or with ``check_finite=False``
+    by the merge's own passes
     (:func:`merge_tensor` on a fast backend). With a ``workspace`` the deltas are views of its
     buffers (valid until the next tensor's deltas).
     """
@@ -32,7 +35,7 @@ def form_deltas(task, labels: Sequence[str], raw: Sequence[torch.Tensor], worksp
         # torch's 16-bit subtraction computes each element in fp32 and rounds once (the same bits
         # as an fp32 subtraction rounded to the working dtype), without fp32 temporaries.
         out = workspace.view(i, base.shape, wd) if workspace is not None else None
-        d = torch.sub(ft.to(wd), base, out=out)
+        d = form_delta(base, ft, wd, compat=task.dppa_params.get("compat"), out=out)
         # One reduction detects NaN/Inf; the exact count runs only when it fires (or overflows).
         if check_finite and not bool(torch.isfinite(d.sum())):
             check_deltas_finite(task, labels[i:i + 1], [d])

@@ -16,12 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..methods import engine_methods, get_method
+from ..vocab import DTYPE_BY_NAME
 from .errors import MergeError, brief, clip
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 MODEL_KEYS = ("model", "parameters")
 MERGEKIT_UNSUPPORTED = ("slices", "modules", "tokenizer", "chat_template")
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16")
+DTYPE_NAMES = tuple(DTYPE_BY_NAME)
 # Values (scalars, list items, mapping entries) a config may hold once aliases are expanded; real
 # configs hold hundreds. A YAML "alias bomb" of a few lines expands to billions.
 MAX_CONFIG_VALUES = 1_000_000

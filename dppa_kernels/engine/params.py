@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..dppa.defaults import DEFAULT_DENSITIES
-from ..methods import get_method
+from ..methods import LEVEL_PARAMS, get_method
 from .config import MergeConfig
 from .errors import MergeError, brief
 
@@ -117,7 +117,7 @@ class ParamResolver:
         for i, mp in enumerate(self.models):
             label = self.cfg.models[i].model
             found = {}
-            for key in ("densities", "density", "sparsity"):
+            for key in LEVEL_PARAMS:
                 src = mp if key in mp else (self.glob if key in self.glob else None)
                 if src is not None:
                     setting = src[key]
@@ -127,10 +127,10 @@ class ParamResolver:
                     param = self.spec.param(key)
                     found[key] = _check_value(param, evaluate(setting, "", 0.0, param.type is list),
                                               f"model {brief(label)}")
-            own = [k for k in ("densities", "density", "sparsity") if k in mp]
+            own = [k for k in LEVEL_PARAMS if k in mp]
             if len(own) > 1:
-                raise MergeError(f"model {brief(label)}: set only one of densities, density, sparsity (got {brief(own)})")
-            key = own[0] if own else next((k for k in ("densities", "density", "sparsity") if k in found), None)
+                raise MergeError(f"model {brief(label)}: set only one of {', '.join(LEVEL_PARAMS)} (got {brief(own)})")
+            key = own[0] if own else next((k for k in LEVEL_PARAMS if k in found), None)
             if key is None:
                 out.append(list(DEFAULT_DENSITIES))
             elif key == "densities":

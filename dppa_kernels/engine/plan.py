@@ -15,14 +15,14 @@ from typing import Optional
 import torch
 
 from ..reference.naming import DEFAULT_LAYER_PATTERN, DEFAULT_UNIT_PATTERN, group_units
+from ..vocab import DTYPE_BY_NAME
 from .config import MergeConfig, is_dppa
 from .errors import MergeError, brief, clip
 from .params import ParamResolver
 from .recipe import Recipe, RecipeBook
 from .source import ModelSource
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = DTYPE_BY_NAME  # the config's dtype names (search_cli reads them from here)
 TENSOR_ORDERS = ("natural", "name")
 VOCAB_NAMES = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|output)\.weight$")
 

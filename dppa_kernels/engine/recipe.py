@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import _validate as V
-from ..dppa.defaults import DEFAULT_SETTINGS, check_compat, default_alphas, resolve_settings
-from ..methods import NONUNIT_MODES, nonunit_spec, preset
+from ..dppa.allocation import resolve_options
+from ..dppa.defaults import resolve_alphas
+from ..methods import nonunit_spec, preset
 from ..spec import CombineSpec
 from .config import is_dppa
 from .errors import MergeError, brief, clip
@@ -30,15 +31,10 @@ class Recipe:
 
 
 def dppa_alphas(task, levels: list, labels: Sequence[str]) -> list:
+    """Each model's band factors: its ``alphas`` (factors or a preset name), else the default preset."""
     given = task.merge_params.get("alphas") or [None] * len(levels)
-    out = []
-    for lv, a, label in zip(levels, given, labels):
-        a = list(default_alphas(len(lv))) if a is None else list(a)
-        if len(a) != len(lv):
-            raise MergeError(f"model {brief(label)}: alphas {brief(a)} must have one factor per density level "
-                             f"{brief(lv)}")
-        out.append(a)
-    return out
+    return [list(resolve_alphas(a, len(lv), what=f"model {brief(label)}: alphas"))
+            for lv, a, label in zip(levels, given, labels)]
 
 
 def _specs(task, method: str, n: int, levels, unit_densities, labels) -> tuple:
@@ -48,23 +44,18 @@ def _specs(task, method: str, n: int, levels, unit_densities, labels) -> tuple:
         w, specs, combine = preset(method, n, p)
         return w, specs, combine, "merge"
     alphas = dppa_alphas(task, levels, labels)
-    compat = task.dppa_params.get("compat")
-    given = {k: (task.dppa_params if k == "nonunit_mode" else p).get(k) for k in DEFAULT_SETTINGS}
-    settings = resolve_settings(compat, given)
-    mode = settings.pop("nonunit_mode")
-    p.update(settings)
-    if mode not in NONUNIT_MODES:
-        raise MergeError(f"nonunit_mode must be one of {', '.join(NONUNIT_MODES)}; got {brief(mode)}")
+    opts = resolve_options({**p, **task.dppa_params})
+    p.update(opts.spec)
     p["alphas"] = alphas
     p["densities"] = unit_densities if task.unit else levels
     w, specs, combine = preset(method, n, p)
     if task.unit:
-        if check_compat(compat) == "official":  # a unit at density 1 still drops its minima
+        if opts.official:  # a unit at density 1 still drops its minima
             specs = [s.with_(density1_prunes_min=True) for s in specs]
         return w, specs, combine, "merge"
-    if mode == "base":
+    if opts.nonunit_mode == "base":
         return w, specs, combine, "base"  # the base tensor itself, bit for bit
-    return w, [nonunit_spec(mode, s, lv) for s, lv in zip(specs, levels)], combine, "merge"
+    return w, [nonunit_spec(opts.nonunit_mode, s, lv) for s, lv in zip(specs, levels)], combine, "merge"
 
 
 def build_recipe(task, method: str, n: int, *, levels=None, unit_densities=None, labels=()) -> Recipe:

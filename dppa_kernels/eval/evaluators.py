@@ -1,6 +1,6 @@
 """File-based evaluators: ``evaluator(model, *, data, tokenizer=None, ...) -> float``.
 
-Signature shared by ``exact_match`` and ``loss``:
+Signature shared by ``exact_match`` and ``loss`` (``lm_eval``, in ``lm_harness``, takes task names):
 
 * ``model``: a ``transformers.PreTrainedModel`` (causal LM), on any device; it is not modified
   (eval mode and no gradients during the call, its training flag restored after).
@@ -9,17 +9,22 @@ Signature shared by ``exact_match`` and ``loss``:
   the model's own folder (``model.name_or_path``).
 * ``batch_size``: examples per forward pass / generation batch.
 
-``higher_is_better`` on each function gives the score's direction.
+``higher_is_better`` on each function gives the score's direction. The tokenizer loaded from a
+folder, the parsed file and its token batches are prepared on the first call and reused while
+the files and arguments are unchanged (``eval.prepared``): a search's later candidates only run
+the model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 from ..tasks.examples import Example, PathLike, read_jsonl
-from .metrics import exact_match_accuracy, mean_text_loss, mean_token_loss
+from .metrics import (default_max_new_tokens, exact_match_of, generate_answers, loss_batches, mean_loss,
+                      prompt_batches, text_loss_batches)
+from .prepared import cached, data_file, file_version, load_tokenizer
 
 _TEXT_MAX_LENGTH = 2048  # window cap for plain-text loss when the model allows longer contexts
 
@@ -32,14 +37,19 @@ def resolve_tokenizer(model, tokenizer):
     if not source or not Path(source).is_dir():
         raise ValueError("tokenizer is required: pass a tokenizer or its folder (the model has no local folder "
                          f"to load one from; name_or_path={str(source)[:100]!r})")
-    from transformers import AutoTokenizer
+    return load_tokenizer(Path(source))
 
-    return AutoTokenizer.from_pretrained(str(source))
+
+def _check_counts(batch_size: Any, **optional: Any) -> None:
+    """``batch_size`` is a positive integer, each other keyword one or None (checked before they
+    become part of a cache key)."""
+    for name, v in {"batch_size": batch_size, **optional}.items():
+        if (v is not None or name == "batch_size") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer{'' if name == 'batch_size' else ' or None'}, "
+                             f"got {str(v)[:40]!r}")
 
 
 def _limit(items: list, limit: Optional[int]) -> list:
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     return items if limit is None else items[:limit]
 
 
@@ -51,9 +61,17 @@ def exact_match(model, *, data: PathLike, tokenizer: Any = None, batch_size: int
     a prediction counts when its decoded text, stripped of surrounding whitespace, equals the
     stripped answer. ``limit`` scores only the first ``limit`` examples. Higher is better.
     """
-    examples = _limit(read_jsonl(data), limit)
-    return exact_match_accuracy(model, resolve_tokenizer(model, tokenizer), examples, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens)
+    _check_counts(batch_size, limit=limit, max_new_tokens=max_new_tokens)
+    path = data_file(data)
+    tok = resolve_tokenizer(model, tokenizer)
+
+    def prepare() -> tuple:
+        examples = _limit(read_jsonl(path), limit)
+        n_new = default_max_new_tokens(tok, examples) if max_new_tokens is None else max_new_tokens
+        return examples, n_new, prompt_batches(tok, [ex.prompt for ex in examples], batch_size)
+    examples, n_new, batches = cached(("exact_match", file_version(path), id(tok), limit, batch_size, max_new_tokens),
+                                      prepare, pin=tok)
+    return exact_match_of(generate_answers(model, tok, batches, max_new_tokens=n_new), examples)
 
 
 exact_match.higher_is_better = True
@@ -91,74 +109,21 @@ def loss(model, *, data: PathLike, tokenizer: Any = None, batch_size: int = 32,
     * any other file: its whole content as one text, cut into windows of the model's context
       length (``max_position_embeddings``, at most 2048 tokens).
     """
-    path = Path(data)
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)[:200]!r} does not exist")
-    items = _limit(_read_loss_data(path), limit)
+    _check_counts(batch_size, limit=limit)
+    path = data_file(data)
     tok = resolve_tokenizer(model, tokenizer)
-    if items and isinstance(items[0], Example):
-        return mean_token_loss(model, tok, items, batch_size=batch_size)
     max_len = min(int(getattr(model.config, "max_position_embeddings", _TEXT_MAX_LENGTH)), _TEXT_MAX_LENGTH)
-    return mean_text_loss(model, tok, items, max_length=max_len, batch_size=batch_size)
+
+    def prepare() -> list:
+        items = _limit(_read_loss_data(path), limit)
+        if items and isinstance(items[0], Example):
+            return loss_batches(tok, items, batch_size)
+        return text_loss_batches(tok, items, max_length=max_len, batch_size=batch_size)
+    batches = cached(("loss", file_version(path), id(tok), limit, batch_size, max_len), prepare, pin=tok)
+    return mean_loss(model, batches)
 
 
 loss.higher_is_better = False
-
-
-def lm_eval(model, *, tasks: Union[str, Sequence[str]], tokenizer: Any = None, include_path: Optional[PathLike] = None,
-            metric: Optional[str] = None, limit: Optional[int] = None, batch_size: int = 8,
-            num_fewshot: Optional[int] = None, include_defaults: Optional[bool] = None) -> float:
-    """Score of ``model`` on lm-evaluation-harness ``tasks`` (needs the ``lm-eval`` package).
-
-    ``include_path`` is a folder of custom task YAMLs (e.g. a local ``dataset_path: json`` task, so
-    nothing is downloaded). ``include_defaults`` also indexes lm-eval's built-in tasks; by default
-    only when no ``include_path`` is given (indexing them takes tens of seconds). The score is the
-    mean over ``tasks`` of ``metric`` (default: each task's first reported metric); a metric lm-eval marks lower-is-better is negated, so higher is always
-    better.
-    """
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise ImportError("the lm_eval evaluator needs lm-evaluation-harness: pip install 'dppa-kernels[eval]' "
-                          f"({exc})") from None
-    names = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"tasks must be a task name or a non-empty list of names, got {str(tasks)[:100]!r}")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise ValueError(f"include_path {str(include_path)[:200]!r} is not a folder")
-    lm = HFLM(pretrained=model, tokenizer=resolve_tokenizer(model, tokenizer), batch_size=batch_size)
-    if include_defaults is None:
-        include_defaults = include_path is None
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
-                          include_defaults=include_defaults)
-    was_training = model.training
-    try:
-        out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=False)
-    finally:
-        model.train(was_training)
-    scores = [_task_score(out, name, metric) for name in names]
-    return sum(scores) / len(scores)
-
-
-lm_eval.higher_is_better = True
-
-
-def _task_score(out: dict, task: str, metric: Optional[str]) -> float:
-    results = out["results"].get(task)
-    if results is None:
-        raise ValueError(f"lm-eval returned no results for task {task!r} (got {sorted(out['results'])[:5]})")
-    values = {k.split(",")[0]: v for k, v in results.items() if "," in k and not k.split(",")[0].endswith("_stderr")
-              and isinstance(v, (int, float))}
-    if not values:
-        raise ValueError(f"lm-eval task {task!r} reported no numeric metric")
-    name = metric if metric is not None else next(iter(values))
-    if name not in values:
-        raise ValueError(f"metric {name!r} is not among task {task!r}'s metrics {sorted(values)}")
-    higher = out.get("higher_is_better", {}).get(task, {}).get(name, True)
-    return float(values[name]) if higher else -float(values[name])
 
 
 def score_direction(evaluator: Callable) -> int:

@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..dppa.stats import form_delta
 from ..methods import get_method, methods, preset, sparsifiers
 from ..ops import merge_prepared
 from ._deps import records_grad, require
@@ -156,13 +157,7 @@ def _build_classes():
                 name=name,
                 pretty_name="DPPA" + (" + TIES" if name == "dppa_ties" else ""),
                 reference_url=f"https://arxiv.org/abs/{get_method(name).reference}",
-                parameters=(
-                    ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
-                    ParameterSpec("normalize", bool, ParameterScope.SHARED,
-                                  default=get_method(name).normalize),
-                    ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
-                    *dppa_spec_params(ParameterSpec, ParameterScope),
-                ),
+                parameters=dppa_spec_params(ParameterSpec, ParameterScope, name),
                 contract=InputContract(base=BasePolicy.REQUIRED),
             )
 
@@ -188,7 +183,7 @@ def _build_classes():
                                          lam=parameters["lambda"])
             if specs is None:  # nonunit_mode "base": the base tensor unchanged
                 return base
-            return _merge(group, specs, weights, combine)
+            return _merge(group, specs, weights, combine, compat=table.compat)
 
     class RegistryMerge(mm.GroupMergeMethod):
         """A method of our registry that mergekit lacks: its spec and presets come from the entry."""
@@ -246,11 +241,12 @@ def _check_della(densities, epsilons) -> None:
                              f"got density={d}, epsilon={e}")
 
 
-def _merge(group, specs, weights, combine, grad: Optional[bool] = None) -> torch.Tensor:
-    """The merge on our kernels; ``grad`` (None: find out) sends it to the differentiable reference."""
+def _merge(group, specs, weights, combine, grad: Optional[bool] = None, compat: Optional[str] = None) -> torch.Tensor:
+    """The merge on our kernels; ``grad`` (None: find out) sends it to the differentiable reference.
+    ``compat``: a DPPA table's (``"official"`` rounds Δ to bf16, as ``dppa merge`` does)."""
     base = group.base.tensor
     # Δ in the working dtype, exactly as mergekit forms it (entries are already dtype-aligned)
-    deltas = [e.tensor - base for e in group.non_base]
+    deltas = [form_delta(base, e.tensor, compat=compat) for e in group.non_base]
     if grad is None:
         grad = records_grad(e.tensor for e in group.entries)
     # the in-package reference is differentiable and takes float64: it serves what the kernels cannot

@@ -10,20 +10,26 @@ unit parameters of b bytes; the merge itself reads the same again) plus one 3276
 per unit and model; memory is one model's histograms at a time (256 KiB per unit) and a few
 floats per (model, unit) in the table.
 
-Config keys (the ``dppa merge`` CLI's): per model or global ``densities`` (one per level; or
-``density`` for one level, or ``sparsity`` = 1 − density) and ``alphas`` (one per band); global
-``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``, ``density_clamp``, ``tie_mode``,
-``count_rule``, ``band_combine``, ``stats_dtype``, ``nonunit_mode`` (dense | official | base |
-prune, see ``methods.nonunit_spec``), ``unit_pattern``, ``layer_pattern``, ``compat``.
-They must be plain values (no per-tensor filters or layer gradients: mergekit would read a list
-as a gradient). ``weight``, ``lambda`` and ``normalize`` are ordinary mergekit
-parameters. Only ``models:`` configs are supported (slices may map a tensor to another layer).
+Config keys: the method's mergekit parameters in its registry entry (``methods/dppa.py``), the
+``dppa merge`` CLI's: per model or global ``densities`` (one per level; or ``density`` for one
+level, or ``sparsity`` = 1 − density) and ``alphas`` (one factor per band, or a preset name:
+``dppa.defaults.PRESETS``); global ``offset_lambda``, ``outlier_mult_layer``, ``outlier_mult_unit``,
+``density_clamp``, ``density_renormalize``, ``tie_mode``, ``count_rule``, ``band_combine``,
+``stats_dtype``, ``nonunit_mode`` (dense | official | base | prune, see ``methods.nonunit_spec``),
+``unit_pattern``, ``layer_pattern``, ``compat``, all read through ``dppa.allocation.resolve_options``
+as ``dppa merge`` reads them. They must be plain values (no per-tensor filters or layer
+gradients: mergekit would read a list as a gradient). ``weight``, ``lambda`` and ``normalize``
+are ordinary mergekit parameters (:data:`PER_TENSOR`). Only ``models:`` configs are supported
+(slices may map a tensor to another layer).
 
 In-memory calls (``mergekit.merge_methods.merge_state_dicts``, ``merge_tensors``, calling the
 method object) hand every tensor over at once, so without an active pre-pass table the statistics
 come from those tensors (:func:`in_memory_table`, with a warning): DP allocates between the unit
-tensors among them (each model's level is its ``density`` parameter, else the default levels). A
-file-based ``run_merge`` without the pre-pass still fails: it sees one tensor at a time.
+tensors among them (each model's level is its ``density`` or ``sparsity`` parameter, else the
+default levels; the band factors are the default preset's). Such a call takes the scalar settings
+above as parameters (list-valued ones, ``densities``, ``alphas`` and ``density_clamp``, are
+config-only). A file-based ``run_merge`` without the pre-pass still fails: it sees one tensor at a
+time.
 """
 
 from __future__ import annotations
@@ -40,21 +46,29 @@ from typing import Any, Optional
 import torch
 
 from ..dppa import stats as dppa_stats
-from ..dppa.allocation import DPSettings, allocate
-from ..dppa.defaults import default_alphas, resolve_settings
+from ..dppa.allocation import allocate, resolve_options
+from ..dppa.defaults import resolve_alphas
 from ..dppa.units import unmatched_linears, warn_unmatched
-from ..methods import DPPA_DEFAULTS, NONUNIT_MODES, methods, nonunit_spec, preset
+from ..engine.errors import MergeError
+from ..methods import DPPA_DEFAULTS, get_method, methods, nonunit_spec, preset
 from ..reference.naming import group_units, unit_layer
 
 LOG = logging.getLogger(__name__)
 
-_DTYPES = dppa_stats.STATS_DTYPES
-_DP_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit", "density_clamp", "compat",
-            "density_renormalize")
-_SPEC_KEYS = ("tie_mode", "count_rule", "band_combine", "stats_dtype")
-_OTHER_KEYS = ("nonunit_mode", "unit_pattern", "layer_pattern")
-_LEVEL_KEYS = ("densities", "density", "sparsity")
-_PER_MODEL_KEYS = _LEVEL_KEYS + ("alphas",)
+# mergekit binds these for each tensor and hands them to merge_group (gradients and filters work);
+# every other DPPA parameter is a whole-model setting that the statistics pre-pass reads once
+PER_TENSOR = ("weight", "normalize", "lambda")
+
+
+def dppa_keys(method: str) -> dict:
+    """The whole-model mergekit parameters of a DPPA method by role, from its registry entry:
+    ``levels`` (a model's density levels), ``per_model`` (the levels and the band factors) and
+    ``settings`` (global only)."""
+    mk = [p for p in get_method(method).params if p.mergekit and p.name not in PER_TENSOR]
+    return {"levels": tuple(p.name for p in mk if p.scope == "model" and p.stage == "dppa"),
+            "per_model": tuple(p.name for p in mk if p.scope == "model"),
+            "settings": tuple(p.name for p in mk if p.scope == "global")}
+
 
 _lock = threading.Lock()
 _active: dict = {"table": None}
@@ -76,7 +90,11 @@ class DPPATable:
     patterns: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)  # seconds, bytes_read, units
     method_for_combine: str = "dppa"  # dppa (sum) or dppa_ties
-    official: bool = False  # compat official
+    compat: Optional[str] = None  # "official": Δ rounded to bf16, a unit at density 1 drops its minima
+
+    @property
+    def official(self) -> bool:
+        return self.compat == "official"
 
     def specs(self, name: str, models: list, shape: tuple, *, normalize: bool, lam: float):
         """(specs, combine) for tensor ``name`` merged from ``models`` (model keys); specs is None
@@ -104,13 +122,14 @@ class DPPATable:
         return [nonunit_spec(self.nonunit_mode, s, self.levels[k]) for s, k in zip(specs, models)], combine
 
 
-def _levels(local: dict, glob: dict, label: str) -> tuple:
-    """A model's density levels from densities | density | sparsity (model value over global)."""
-    own = [k for k in _LEVEL_KEYS if k in local]
+def _levels(local: dict, glob: dict, label: str, keys: tuple) -> tuple:
+    """A model's density levels from densities | density | sparsity (``keys``; model value over
+    global)."""
+    own = [k for k in keys if k in local]
     if len(own) > 1:
-        raise ValueError(f"model {label!r}: set only one of densities, density, sparsity (got {own})")
+        raise ValueError(f"model {label!r}: set only one of {', '.join(keys)} (got {own})")
     src = local if own else glob
-    key = own[0] if own else next((k for k in _LEVEL_KEYS if k in glob), None)
+    key = own[0] if own else next((k for k in keys if k in glob), None)
     if key is None:
         return tuple(DPPA_DEFAULTS["densities"])
     v = src[key]
@@ -126,21 +145,15 @@ def _levels(local: dict, glob: dict, label: str) -> tuple:
     return levels
 
 
-def dppa_spec_params(ParameterSpec, ParameterScope) -> tuple:
-    """mergekit ParameterSpecs of the scalar DPPA settings (declared so mergekit validates them;
-    the values used are the pre-pass's, read from the same config)."""
-    shared = ParameterScope.SHARED
-    return (
-        ParameterSpec("density", Optional[float], ParameterScope.NON_BASE, default=None),
-        ParameterSpec("offset_lambda", float, shared, default=0.08),
-        ParameterSpec("outlier_mult_layer", float, shared, default=3.0),
-        ParameterSpec("outlier_mult_unit", float, shared, default=5.0),
-        ParameterSpec("tie_mode", str, shared, default=DPPA_DEFAULTS["tie_mode"]),
-        ParameterSpec("count_rule", str, shared, default=DPPA_DEFAULTS["count_rule"]),
-        ParameterSpec("band_combine", str, shared, default=DPPA_DEFAULTS["band_combine"]),
-        ParameterSpec("stats_dtype", str, shared, default=DPPA_DEFAULTS["stats_dtype"]),
-        ParameterSpec("nonunit_mode", str, shared, default="dense"),
-    )
+def dppa_spec_params(ParameterSpec, ParameterScope, method: str) -> tuple:
+    """mergekit ParameterSpecs of a DPPA method, from its registry entry: every scalar mergekit
+    parameter (a list would be read as a layer gradient; the pre-pass reads those from the
+    config). Whole-model settings default to None (not given): their defaults, ``compat``'s
+    included, come from ``resolve_options`` on every path."""
+    scopes = {"model": ParameterScope.NON_BASE, "global": ParameterScope.SHARED}
+    return tuple(ParameterSpec(p.name, p.type, scopes[p.scope], default=p.default) if p.name in PER_TENSOR
+                 else ParameterSpec(p.name, Optional[p.type], scopes[p.scope], default=None)
+                 for p in get_method(method).params if p.mergekit and p.type is not list)
 
 
 def set_dppa_table(table: Optional[DPPATable]) -> None:
@@ -177,6 +190,11 @@ def _settings(params: Optional[dict], keys) -> dict:
     return {k: _plain(params[k], k) for k in keys if k in params}
 
 
+def _patterns(glob: dict) -> dict:
+    """The unit / layer name patterns set in ``glob`` (``group_units`` keyword arguments)."""
+    return {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
+
+
 def _local_dir(ref, options) -> str:
     merged = ref.merged(cache_dir=getattr(options, "lora_merge_cache", None),
                         trust_remote_code=getattr(options, "trust_remote_code", False),
@@ -191,6 +209,32 @@ def _stats_device(options) -> str:
     return dev or "cpu"
 
 
+class DPPAConfigError(MergeError, ValueError):
+    """A DPPA parameter of a mergekit config that the pre-pass refuses: a ValueError for Python
+    callers, one ``error:`` line from the CLIs."""
+
+
+def _read_params(merge_config, method: str) -> tuple:
+    """(global settings, ``resolve_options`` of them, {model: (levels, alphas)}) of a config,
+    read before any tensor is; DPPAConfigError names the bad key and value."""
+    keys = dppa_keys(method)
+    try:
+        glob = _settings(merge_config.parameters, keys["settings"] + keys["per_model"])
+        opts = resolve_options(glob)
+        per_model = {}
+        for model_in in merge_config.models:
+            if model_in.model == merge_config.base_model:
+                continue
+            ref = str(model_in.model)
+            local = _settings(model_in.parameters, keys["per_model"])
+            levels = _levels(local, glob, ref, keys["levels"])
+            per_model[ref] = levels, resolve_alphas(local.get("alphas", glob.get("alphas")), len(levels),
+                                                    what=f"model {ref!r}: alphas")
+    except ValueError as exc:
+        raise DPPAConfigError(f"{method}: {exc}") from None
+    return glob, opts, per_model
+
+
 def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate: bool = True) -> DPPATable:
     """Run the DPPA statistics pre-pass for a mergekit ``MergeConfiguration`` (merge_method
     ``dppa`` or ``dppa_ties``) and, with ``activate``, make the table the active one."""
@@ -203,16 +247,8 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     if merge_config.base_model is None:
         raise ValueError("dppa needs a base_model")
     t0 = time.perf_counter()
-    glob = _settings(merge_config.parameters, _DP_KEYS + _SPEC_KEYS + _OTHER_KEYS + _PER_MODEL_KEYS)
-    settings = resolve_settings(glob.get("compat"), {k: glob.get(k) for k in _SPEC_KEYS + ("nonunit_mode",)})
-    nonunit = settings.pop("nonunit_mode")
-    if settings["stats_dtype"] not in _DTYPES:
-        raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
-    if nonunit not in NONUNIT_MODES:
-        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
-    patterns = {k: glob[k] for k in ("unit_pattern", "layer_pattern") if glob.get(k)}
-    dp = DPSettings.from_params({k: glob[k] for k in _DP_KEYS if k in glob})
-    stats_dtype = _DTYPES[settings["stats_dtype"]]
+    glob, opts, per_model = _read_params(merge_config, method)
+    patterns = _patterns(glob)
     device = _stats_device(options)
     base_ref = merge_config.base_model
     base_dir = _local_dir(base_ref, options)
@@ -228,27 +264,20 @@ def prepare_dppa(merge_config, options=None, *, backend: str = "auto", activate:
     # Δ in the dtype mergekit will merge in: the config's dtype, else the promoted input dtype
     dtype = dtype_from_name(merge_config.dtype) if merge_config.dtype else \
         dppa_stats.promoted_dtypes([base_dir, *model_dirs.values()], layers)
-    table = DPPATable(settings=settings, nonunit_mode=nonunit, units=dict(layers), patterns=patterns,
-                      method_for_combine=method, official=dp.compat == "official")
+    table = DPPATable(settings=opts.spec, nonunit_mode=opts.nonunit_mode, units=dict(layers), patterns=patterns,
+                      method_for_combine=method, compat=opts.dp.compat)
     nbytes = 0
-    for model_in in merge_config.models:
-        ref = model_in.model
-        if ref == base_ref:
-            continue
-        local = _settings(model_in.parameters, _PER_MODEL_KEYS)
-        levels = _levels(local, glob, str(ref))
-        alphas = tuple(float(x) for x in local.get("alphas", glob.get("alphas", default_alphas(len(levels)))))
-        if len(alphas) != len(levels):
-            raise ValueError(f"{ref}: alphas {alphas} must have one factor per density level {levels}")
-        model_dir = model_dirs[str(ref)]
+    for ref, (levels, alphas) in per_model.items():
+        model_dir = model_dirs[ref]
         hists = dppa_stats.folder_histograms(base_dir, model_dir, list(layers), dtype=dtype,
-                                             stats_dtype=stats_dtype, device=device, backend=backend)
-        alloc = allocate(hists, layers, levels, dp, stats_dtype=stats_dtype, backend=backend)
+                                             stats_dtype=opts.stats_dtype, device=device, backend=backend,
+                                             compat=opts.dp.compat)
+        alloc = allocate(hists, layers, levels, opts.dp, stats_dtype=opts.stats_dtype, backend=backend)
         del hists
         for name in layers:
-            table.densities[(str(ref), name)] = tuple(float(d) for d in alloc.densities[name])
-        table.alphas[str(ref)] = alphas
-        table.levels[str(ref)] = levels
+            table.densities[(ref, name)] = tuple(float(d) for d in alloc.densities[name])
+        table.alphas[ref] = alphas
+        table.levels[ref] = levels
         nbytes += dppa_stats.unit_bytes(base_dir, layers) + dppa_stats.unit_bytes(model_dir, layers)
     table.cost = {"seconds": time.perf_counter() - t0, "bytes_read": nbytes, "units": len(layers)}
     LOG.info("DPPA statistics pre-pass: %d units x %d models, %.1f MB read, %.2f s", len(layers),
@@ -300,42 +329,41 @@ def in_memory_table(method: str, groups, parameters: list, input_dtypes, *, back
     """
     if not _in_memory.get() or _active["table"] is not None or not groups:
         return None
-    settings = {k: _shared(parameters, k) for k in _SPEC_KEYS}
-    if settings["stats_dtype"] not in _DTYPES:
-        raise ValueError(f"stats_dtype must be one of {sorted(_DTYPES)}, got {settings['stats_dtype']!r}")
-    nonunit = _shared(parameters, "nonunit_mode")
-    if nonunit not in NONUNIT_MODES:
-        raise ValueError(f"nonunit_mode must be one of {NONUNIT_MODES}, got {nonunit!r}")
-    dp = {k: float(_shared(parameters, k)) for k in ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit")}
-    stats_dtype = _DTYPES[settings["stats_dtype"]]
+    keys = dppa_keys(method)
+    glob = {k: _shared(parameters, k) for k in keys["settings"] if k in parameters[0]}
+    opts = resolve_options(glob)
+    patterns = _patterns(glob)
     named = [(g, p, dt) for g, p, dt in zip(groups, parameters, input_dtypes) if g.base is not None]
-    layers = group_units({g.metadata.name or "": tuple(g.base.tensor.shape) for g, _, _ in named})
-    table = DPPATable(settings=settings, nonunit_mode=nonunit, units=dict(layers), method_for_combine=method)
+    layers = group_units({g.metadata.name or "": tuple(g.base.tensor.shape) for g, _, _ in named}, **patterns)
+    table = DPPATable(settings=opts.spec, nonunit_mode=opts.nonunit_mode, units=dict(layers), patterns=patterns,
+                      method_for_combine=method, compat=opts.dp.compat)
     ids = list(dict.fromkeys(e.id for g, _, _ in named for e in g.non_base))
     for mid in ids:
-        given = {repr(p["density"].get(mid)) for g, p, _ in named if any(e.id == mid for e in g.non_base)}
+        given = {repr(sorted((k, p[k].get(mid)) for k in keys["levels"] if k in p and p[k].get(mid) is not None))
+                 for g, p, _ in named if any(e.id == mid for e in g.non_base)}
         if len(given) > 1:
-            raise ValueError(f"dppa: model {mid!r}'s density is a whole-model level and must not vary "
-                             f"between tensors, got {sorted(given)}")
-        d = next(p["density"].get(mid) for g, p, _ in named if any(e.id == mid for e in g.non_base))
-        levels = tuple(DPPA_DEFAULTS["densities"]) if d is None else (float(d),)
+            raise ValueError(f"dppa: model {mid!r}'s density levels are whole-model settings and must not "
+                             f"vary between tensors, got {sorted(given)}")
+        mp = next(p for g, p, _ in named if any(e.id == mid for e in g.non_base))
+        local = {k: mp[k].get(mid) for k in keys["levels"] if k in mp and mp[k].get(mid) is not None}
+        levels = _levels(local, {}, str(mid), keys["levels"])
         hists = {}
         with torch.no_grad():
             for g, _, dt in named:
                 name = g.metadata.name or ""
                 entry = next((e for e in g.non_base if e.id == mid), None)
                 if name in layers and entry is not None:
-                    dt = dt or torch.promote_types(entry.tensor.dtype, g.base.tensor.dtype)
-                    delta = entry.tensor.to(dt) - g.base.tensor.to(dt)
-                    hists[name] = dppa_stats.unit_histogram(delta, stats_dtype, backend)
+                    delta = dppa_stats.form_delta(g.base.tensor, entry.tensor, dt, compat=opts.dp.compat)
+                    hists[name] = dppa_stats.unit_histogram(delta, opts.stats_dtype, backend)
         unit_layers = {n: layers[n] for n in hists}
-        alloc = allocate(hists, unit_layers, levels, DPSettings(**dp), stats_dtype=stats_dtype, backend=backend)
+        alloc = allocate(hists, unit_layers, levels, opts.dp, stats_dtype=opts.stats_dtype, backend=backend)
         for name in unit_layers:
             table.densities[(str(mid), name)] = tuple(float(x) for x in alloc.densities[name])
         table.levels[str(mid)] = levels
-        table.alphas[str(mid)] = default_alphas(len(levels))
+        table.alphas[str(mid)] = resolve_alphas(None, len(levels))
     warnings.warn(f"{method}: no DPPA statistics pre-pass is active; the statistics come from the {len(named)} "
                   f"tensor(s) of this call ({len(layers)} DPPA unit(s) among them, the rest merged with "
-                  f"nonunit_mode {nonunit!r}). Run prepare_dppa(config, options) for whole-model statistics.",
+                  f"nonunit_mode {opts.nonunit_mode!r}). Run prepare_dppa(config, options) for whole-model "
+                  "statistics.",
                   stacklevel=2)
     return table

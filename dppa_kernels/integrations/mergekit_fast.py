@@ -154,9 +154,12 @@ def _param_reason(method: str, glob: dict, models: list) -> Optional[str]:
     entry = get_method(method)
     per_model = entry.names(scope="model", mergekit=True)
     global_ok = per_model + entry.names(scope="global", mergekit=True)
-    # read by the DPPA statistics pass (and the settings it hands on) from the config as is
-    plain = () if not entry.dppa else tuple(p.name for p in entry.params
-                                            if p.name not in ("weight", "normalize", "lambda"))
+    plain = ()
+    if entry.dppa:  # read by the DPPA statistics pre-pass (and the settings it hands on) from the config as is
+        from .mergekit_dppa import dppa_keys
+
+        keys = dppa_keys(method)
+        plain = keys["per_model"] + keys["settings"]
     for where, params, valid in [("parameters", glob, global_ok)] + \
             [(f"models[{i}].parameters", p, per_model) for i, p in enumerate(models)]:
         if not isinstance(params, dict):

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ..spec import CombineSpec
 from .registry import MergeMethod, Param, Sparsifier, engine_methods, get_method, get_sparsifier, methods, \
-    register, sparsifiers
+    per_model, register, sparsifiers
 
 
 def preset(method: str, n_models: int, params: Mapping[str, Any]) -> tuple[list, list, CombineSpec]:
@@ -20,7 +20,7 @@ def preset(method: str, n_models: int, params: Mapping[str, Any]) -> tuple[list,
     ``params`` holds the method's parameters (:attr:`MergeMethod.params` of stage ``merge``):
     global values, or per-model lists for per-model ones.
     """
-    from ._common import per_model
+    from . import _common as C
 
     mm = get_method(method)
     valid = mm.names(stage="merge") + tuple(mm.defaults)
@@ -35,24 +35,23 @@ def preset(method: str, n_models: int, params: Mapping[str, Any]) -> tuple[list,
     rescale = mm.rescale if rescale is None else rescale
     rescale = "l1" if rescale is True else ("none" if rescale in (False, None) else rescale)
     sp = get_sparsifier(mm.sparsifier)
-    specs = []
-    for i in range(m):
-        common = dict(tie_mode=p.get("tie_mode", "exact_k"), partition=p.get("partition", "tensor"),
-                      block_size=p.get("block_size"), rescale=rescale)
-        specs.append(sp.spec(i, p, m, common))
+    # a method without one of these parameters takes the shared parameter's default
+    common = dict(tie_mode=p.get("tie_mode", C.TIE_MODE.default), partition=p.get("partition", C.PARTITION.default),
+                  block_size=p.get("block_size", C.BLOCK_SIZE.default), rescale=rescale)
+    specs = [sp.spec(i, p, m, common) for i in range(m)]
     combine = CombineSpec(
         combine=mm.combine,
-        elect=p.get("elect", "weighted_sum"),
-        divisor=p.get("divisor", "weights"),
+        elect=p.get("elect", C.ELECT.default),
+        divisor=p.get("divisor", C.DIVISOR.default),
         normalize=bool(p.get("normalize", mm.normalize)),
-        lam=float(p.get("lambda", 1.0)),
+        lam=float(p.get("lambda", C.LAMBDA.default)),
     )
     return [float(w) for w in weights], specs, combine
 
 
 def __getattr__(name: str):
     # the DPPA method's own names, from its module (imported on first use)
-    if name in ("DPPA_DEFAULTS", "NONUNIT_MODES", "nonunit_spec"):
+    if name in ("DPPA_DEFAULTS", "LEVEL_PARAMS", "NONUNIT_MODES", "nonunit_spec"):
         from . import dppa
 
         return getattr(dppa, name)

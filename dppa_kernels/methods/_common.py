@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..reference.threshold import COUNT_RULES, PARTITIONS, TIE_MODES
 from ..spec import DIVISORS, ELECTS
 from .registry import Param
@@ -13,8 +11,7 @@ def weight(required: bool = True) -> Param:
     return Param("weight", float, 1.0, "model", "scale w_i of model i's delta", required=required)
 
 
-def density(doc: str = "fraction of the delta kept", low: float = 0.0) -> Param:
-    return Param("density", float, 1.0, "model", doc, low=low, high=1.0)
+DENSITY = Param("density", float, 1.0, "model", "fraction of the delta kept", low=0.0, high=1.0)
 
 
 NORMALIZE_DOC = "divide by the sum of the weights (ties: of the agreeing weights)"
@@ -42,22 +39,8 @@ def normalize(default: bool) -> Param:
     return Param("normalize", bool, default, "global", NORMALIZE_DOC)
 
 
-def per_model(value: Any, m: int, name: str, lists: bool = False) -> list:
-    """Broadcast a scalar parameter to M models, or check a per-model list's length. ``lists``:
-    the value is itself a list (one for all models, or one list per model)."""
-    if isinstance(value, (list, tuple)) and not lists:
-        if len(value) != m:
-            raise ValueError(f"{name} has {len(value)} values, expected one per model ({m})")
-        return list(value)
-    if lists and value and isinstance(value[0], (list, tuple)):
-        if len(value) != m:
-            raise ValueError(f"{name} has {len(value)} per-model lists, expected {m}")
-        return [tuple(v) for v in value]
-    return [tuple(value) if isinstance(value, (list, tuple)) else value] * m
-
-
 def gta_params(norm: bool, *extra: Param, density_param: bool = True) -> tuple:
     """mergekit's generalized-task-arithmetic parameters (weight, density, normalize, rescale,
     lambda, int8_mask), the method's ``extra`` ones, then our advanced knobs."""
-    dens = (density(),) if density_param else ()
+    dens = (DENSITY,) if density_param else ()
     return (weight(), *dens, *extra, normalize(norm), RESCALE, LAMBDA, INT8_MASK, *ADVANCED)

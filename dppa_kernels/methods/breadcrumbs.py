@@ -8,7 +8,6 @@ import torch
 from .. import plans as P
 from ..backends.base import ApplyPlan
 from ..reference import sparsify as S
-from ..spec import SparsifySpec
 from . import _common as C
 from .registry import MergeMethod, Param, Sparsifier, register
 
@@ -19,12 +18,8 @@ class Breadcrumbs(Sparsifier):
     """Ranks [n_top, n_top + target) of (|Δ| descending, index ascending) of the whole tensor."""
 
     name = "breadcrumbs"
+    params = (C.DENSITY, GAMMA)
     mergekit = "magnitude_outliers"
-
-    def spec(self, i, p, m, common):
-        d = C.per_model(p.get("density", 1.0), m, "density")[i]
-        g = C.per_model(p.get("gamma", 0.01), m, "gamma")[i]
-        return SparsifySpec("breadcrumbs", density=float(d), gamma=float(g), **common)
 
     def check(self, s, argname):
         if not (0.0 <= s.gamma <= 1.0):

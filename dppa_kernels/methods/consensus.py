@@ -21,7 +21,7 @@ import torch
 from ..backends.base import ApplyPlan
 from ..spec import SparsifySpec
 from . import _common as C
-from .registry import MergeMethod, Param, Sparsifier, register
+from .registry import MergeMethod, Param, Sparsifier, per_model, register
 
 K = Param("k", int, 2, "global", "keep an entry where at least k models' TALL masks hold it", low=0)
 TALL_LAMBDA = Param("tall_mask_lambda", float, 0.4, "model",
@@ -52,7 +52,7 @@ class Consensus(Sparsifier):
     joint = True
 
     def spec(self, i, p, m, common):
-        lam = C.per_model(p.get("tall_mask_lambda", TALL_LAMBDA.default), m, "tall_mask_lambda")[i]
+        lam = per_model(p.get("tall_mask_lambda", TALL_LAMBDA.default), m, "tall_mask_lambda")[i]
         return SparsifySpec("consensus", options=(("k", p.get("k", K.default)), ("tall_mask_lambda", float(lam))))
 
     def check(self, s, argname):
@@ -81,10 +81,10 @@ class Consensus(Sparsifier):
     def joint_factors(self, deltas, specs, weights):
         return [self._mask(deltas, specs, weights).to(torch.float64)] * len(deltas)
 
-    def realised(self, delta, spec, *, plan=None, **_):
+    def realised(self, delta, spec, *, plan=None, **kw):
         if plan is None:
             raise ValueError("method 'consensus': what it kept is known from its plan only")
-        return int(torch.count_nonzero(plan.mask)) / delta.numel()
+        return super().realised(delta, spec, plan=plan, **kw)
 
 
 register(

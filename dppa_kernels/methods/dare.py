@@ -9,7 +9,7 @@ from ..backends.base import ApplyPlan
 from ..backends.registry import get_backend
 from ..reference import rng
 from ..reference import sparsify as S
-from ..spec import CombineSpec, SparsifySpec
+from ..spec import CombineSpec
 from . import _common as C
 from .registry import MergeMethod, Sparsifier, register
 
@@ -18,11 +18,8 @@ class Dare(Sparsifier):
     """Keep element e iff rng bits(e) < threshold32(density), keyed by (seed, name, stream)."""
 
     name = "dare"
+    params = (C.DENSITY,)
     mergekit = "random"
-
-    def spec(self, i, p, m, common):
-        d = C.per_model(p.get("density", 1.0), m, "density")[i]
-        return SparsifySpec("dare", density=float(d), **common)
 
     def plan(self, be, delta, spec, *, seed, name, stream, check_as):
         if spec.density >= 1.0:
@@ -33,7 +30,12 @@ class Dare(Sparsifier):
     def factor(self, delta, spec, *, seed, name, stream):
         return S.dare_factor(delta, spec.density, seed, name, stream)
 
-    def realised(self, delta, spec, *, seed, name, stream, backend, **_):
+    def expected(self, spec, plan):
+        if plan is not None and plan.kind == "dare":  # the draw's keep probability
+            return min(plan.thr32, 1 << 32) / 4294967296.0
+        return None
+
+    def realised(self, delta, spec, *, seed, name, stream, backend="reference", **_):
         if spec.density >= 1.0:
             return 1.0
         k1, k2 = rng.stream_keys(seed, name, stream)

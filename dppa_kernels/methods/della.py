@@ -3,12 +3,9 @@ element's magnitude rank within its row, from density − ε to density + ε."""
 
 from __future__ import annotations
 
-import torch
-
 from ..backends.base import ApplyPlan
 from ..reference import rng
 from ..reference import sparsify as S
-from ..spec import SparsifySpec
 from . import _common as C
 from .registry import MergeMethod, Param, Sparsifier, register
 
@@ -18,12 +15,8 @@ EPSILON = Param("epsilon", float, 0.15, "model", "half-width of the keep-probabi
 
 class Della(Sparsifier):
     name = "della"
+    params = (C.DENSITY, EPSILON)
     mergekit = "della_magprune"
-
-    def spec(self, i, p, m, common):
-        d = C.per_model(p.get("density", 1.0), m, "density")[i]
-        e = C.per_model(p.get("epsilon", 0.15), m, "epsilon")[i]
-        return SparsifySpec("della", density=float(d), epsilon=float(e), **common)
 
     def check(self, s, argname):
         if 0.0 < s.density < 1.0 and not (s.density - s.epsilon > 0.0 and s.density + s.epsilon < 1.0):
@@ -43,12 +36,10 @@ class Della(Sparsifier):
     def factor(self, delta, spec, *, seed, name, stream):
         return S.della_factor(delta, spec.density, spec.epsilon, seed, name, stream)
 
-    def realised(self, delta, spec, *, plan=None, **kw):
+    def realised(self, delta, spec, **kw):
         if spec.density >= 1.0:
             return 1.0
-        if plan is not None and plan.kind == "mask":  # the mask the merge drew: counted, not redrawn
-            return int(torch.count_nonzero(plan.mask)) / delta.numel()
-        return super().realised(delta, spec, plan=plan, **kw)
+        return super().realised(delta, spec, **kw)
 
 
 register(

@@ -27,6 +27,9 @@ class Dense(Sparsifier):
     def factor(self, delta, spec, *, seed, name, stream):
         return torch.ones(delta.shape, dtype=torch.float64, device=delta.device)
 
+    def target(self, spec):
+        return 1.0
+
     def realised(self, delta, spec, **_):
         return 1.0
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from .. import plans as P
-from ..dppa.defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, default_alphas
+from ..dppa.defaults import DEFAULT_DENSITIES, DEFAULT_TIE_MODE, PRESETS, default_alphas, resolve_alphas
 from ..reference import sparsify as S
 from ..spec import SparsifySpec
+from ..vocab import MAX_BANDS, STATS_DTYPES
 from . import _common as C
-from ..vocab import MAX_BANDS
-from .registry import MergeMethod, Param, Sparsifier, register
+from .registry import MergeMethod, Param, Sparsifier, per_model, register
 
 NONUNIT_MODES = ("dense", "official", "base", "prune")
-STATS_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+LEVEL_PARAMS = ("densities", "density", "sparsity")  # the ways to set a model's DP density levels (set one)
 DPPA_DEFAULTS = {"densities": DEFAULT_DENSITIES, "alphas": default_alphas(len(DEFAULT_DENSITIES)),
                  "tie_mode": DEFAULT_TIE_MODE, "count_rule": "dppa", "band_combine": "max",
                  "stats_dtype": "bfloat16"}
@@ -26,6 +24,16 @@ DPPA_DEFAULTS = {"densities": DEFAULT_DENSITIES, "alphas": default_alphas(len(DE
 
 def _p(name, type_, scope, doc, **kw):
     return Param(name, type_, kw.pop("default", DPPA_DEFAULTS.get(name)), scope, doc, **kw)
+
+
+class _Alphas(Param):
+    """``alphas``: a list of factors, or the name of a preset (``dppa.defaults.PRESETS``)."""
+
+    def check(self, value, where):
+        if isinstance(value, str):
+            resolve_alphas(value, 1, what=f"{where}: alphas")  # ValueError naming the value and the presets
+            return value
+        return super().check(value, where)
 
 
 def _params(norm: bool) -> tuple:
@@ -37,8 +45,8 @@ def _params(norm: bool) -> tuple:
            stage="dppa"),
         _p("sparsity", float, "model", "one level: densities [1 − sparsity]", default=None, low=0.0, high=1.0,
            stage="dppa"),
-        _p("alphas", list, "model", "band factors, highest band first (default 1 on every band: plain DP)",
-           default=None),
+        _Alphas("alphas", list, None, "model", "band factors, highest band first, or a preset: "
+                + ", ".join(PRESETS) + " (default plain: 1 on every band, plain DP)"),
         C.normalize(norm),
         Param("rescale", bool, False, "global", "L1 rescale after the bands (not used by DPPA)",
               choices=("inv_density", "l1"), mergekit=False),
@@ -76,13 +84,14 @@ class Bands(Sparsifier):
     uses_density = False
 
     def spec(self, i, p, m, common):
-        ds = C.per_model(p["densities"], m, "densities", lists=True)[i]
-        al = C.per_model(p["alphas"], m, "alphas", lists=True)[i]
-        sd = p.get("stats_dtype", "bfloat16")
+        ds = per_model(p["densities"], m, "densities", lists=True)[i]
+        al = per_model(p["alphas"], m, "alphas", lists=True)[i]
+        sd = p.get("stats_dtype", DPPA_DEFAULTS["stats_dtype"])
         if sd not in STATS_DTYPES:
             raise ValueError(f"stats_dtype must be one of {sorted(STATS_DTYPES)}, got {sd!r}")
         return SparsifySpec("bands", densities=tuple(float(x) for x in ds), alphas=tuple(float(a) for a in al),
-                            band_combine=p.get("band_combine", "max"), count_rule=p.get("count_rule", "dppa"),
+                            band_combine=p.get("band_combine", DPPA_DEFAULTS["band_combine"]),
+                            count_rule=p.get("count_rule", DPPA_DEFAULTS["count_rule"]),
                             key_dtype=STATS_DTYPES[sd], **common)
 
     def check(self, s, argname):
@@ -103,10 +112,15 @@ class Bands(Sparsifier):
             raise ValueError(f"{argname}.alphas must be >= 0, got {tuple(s.alphas)}")
 
     def plan(self, be, delta, spec, *, seed, name, stream, check_as):
-        ks = [P.keep_of(delta, spec, d) for d in spec.densities]
-        plan = P.threshold_plan(be, delta, spec, ks, S.band_factors(spec.alphas, spec.band_combine),
-                                spec.tie_mode, check_as)
+        plan = P.threshold_plan(be, delta, spec, self.level_keeps(delta, spec),
+                                S.band_factors(spec.alphas, spec.band_combine), spec.tie_mode, check_as)
         return P.keep_full_levels(plan, spec.densities, spec.density1_prunes_min)
+
+    def level_keeps(self, delta, spec):
+        return [P.keep_of(delta, spec, d) for d in spec.densities]
+
+    def target(self, spec):
+        return list(spec.densities)
 
     def factor(self, delta, spec, *, seed, name, stream):
         return S.bands_factor(delta, spec.densities, spec.alphas, spec.band_combine,

@@ -86,6 +86,20 @@ class Param:
             raise ValueError(f"{where}: {what} is outside [{lo}, {hi}]")
 
 
+def per_model(value: Any, m: int, name: str, lists: bool = False) -> list:
+    """Broadcast a scalar parameter to M models, or check a per-model list's length. ``lists``:
+    the value is itself a list (one for all models, or one list per model)."""
+    if isinstance(value, (list, tuple)) and not lists:
+        if len(value) != m:
+            raise ValueError(f"{name} has {len(value)} values, expected one per model ({m})")
+        return list(value)
+    if lists and value and isinstance(value[0], (list, tuple)):
+        if len(value) != m:
+            raise ValueError(f"{name} has {len(value)} per-model lists, expected {m}")
+        return [tuple(v) for v in value]
+    return [tuple(value) if isinstance(value, (list, tuple)) else value] * m
+
+
 class Sparsifier:
     """What happens to one delta; subclasses override what they need.
 
@@ -103,9 +117,11 @@ class Sparsifier:
     mergekit: Optional[str] = None  # mergekit's SparsificationMethod value, for its GTA methods
 
     def spec(self, i: int, p: dict, m: int, common: dict) -> SparsifySpec:
-        """Model i's spec from the method's parameters ``p`` (defaults applied; per-model values
-        are scalars or lists of M) and the ``common`` fields."""
-        return SparsifySpec(self.name, **common)
+        """Model i's spec from the method's parameters ``p`` (per-model values are scalars or lists
+        of M) and the ``common`` fields. The default: each of :attr:`params` (``SparsifySpec``
+        fields) at model i, its default where ``p`` does not set it."""
+        own = {q.name: q.type(per_model(p.get(q.name, q.default), m, q.name)[i]) for q in self.params}
+        return SparsifySpec(self.name, **own, **common)
 
     def check(self, s: SparsifySpec, argname: str) -> None:
         """Method-specific checks of a spec (the shared fields are checked by ``_validate``)."""
@@ -119,13 +135,40 @@ class Sparsifier:
         """The reference: the per-element factor (float64) of one delta, before the rescale."""
         raise NotImplementedError
 
+    def level_keeps(self, delta: torch.Tensor, spec: SparsifySpec) -> list:
+        """A threshold sparsifier's keep count per partition (int64 vector) of each level its plan
+        selects, nested levels in order (the counts its :meth:`plan` and :meth:`realised` share)."""
+        raise NotImplementedError
+
+    def target(self, spec: SparsifySpec):
+        """The density ``spec`` asks for (the merge report's ``target``): a number, or one per level."""
+        return spec.density
+
     def realised(self, delta: torch.Tensor, spec: SparsifySpec, *, seed: int, name: str, stream: int,
-                 hist: Optional[torch.Tensor], backend: str, plan) -> float:
-        """The fraction of the (non-empty) ``delta``'s elements that survive ``spec``, exact.
-        ``hist``: its key histogram when the caller has one; ``plan``: the plan the merge applied
-        (None on the reference). The default counts the reference factor's nonzeros."""
+                 plan=None, backend: str = "reference") -> float:
+        """The fraction of the (non-empty) ``delta``'s elements that survive ``spec``, exact; the
+        one rule the merge report counts with. ``plan``: the ApplyPlan the merge applied (None: the
+        reference merged); ``backend``: where a count that needs a pass of its own runs.
+
+        The default reads what the plan holds: a dense plan keeps everything, a mask plan its
+        mask's nonzeros, a thresholds plan what :func:`thresholds_kept` counts from its select
+        results and :meth:`level_keeps`; without a plan, the reference factor's nonzeros."""
+        n = delta.numel()
+        kind = None if plan is None else plan.kind
+        if kind == "dense":
+            return 1.0
+        if kind == "mask":  # the mask the merge drew: counted, not redrawn
+            return int(torch.count_nonzero(plan.mask)) / n
+        if kind == "thresholds":
+            return thresholds_kept(plan, self.level_keeps(delta, spec)) / n
         f = self.factor(delta.cpu(), spec, seed=seed, name=name, stream=stream)
-        return float((f != 0).sum()) / delta.numel()
+        return float((f != 0).sum()) / n
+
+    def expected(self, spec: SparsifySpec, plan) -> Optional[float]:
+        """The expected fraction kept, for a ``plan`` that holds no outcome, only the terms of a
+        random draw (counting it would cost a pass as long as the merge's; the report then marks
+        the value as expected). None: :meth:`realised` counts this plan cheaply."""
+        return None
 
     def check_joint(self, specs: Sequence[SparsifySpec], argname: str) -> None:
         """A joint sparsifier's checks across the M specs of one merge."""
@@ -139,6 +182,23 @@ class Sparsifier:
                       weights: Sequence[float]) -> list:
         """A joint sparsifier's reference: M factors (float64), before the rescale."""
         raise NotImplementedError
+
+
+def thresholds_kept(plan, keeps: Sequence[torch.Tensor]) -> int:
+    """Elements a thresholds plan keeps with a non-zero factor, from its select results alone.
+
+    In level j of partition p, #key > τ = k − budget (τ is the k-th largest key, ``keeps[j][p]``
+    = k); ``gt`` keeps those, ``ge`` adds every tie (``c_eq``), ``exact_k`` adds ``budget`` ties:
+    k in all. The levels nest, so level j holds the elements it adds to level j − 1, counted when
+    its factor is non-zero."""
+    kept, prev = 0, 0
+    for j, k in enumerate(keeps):
+        budget, eq = plan.budget[:, j], plan.c_eq[:, j]
+        level = k if plan.tie_mode == "exact_k" else (k - budget) + (eq if plan.tie_mode == "ge" else 0)
+        c = int(level.sum())
+        kept += (c - prev) if plan.factors[j] != 0 else 0
+        prev = c
+    return kept
 
 
 @dataclass(frozen=True)

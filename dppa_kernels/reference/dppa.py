@@ -15,17 +15,15 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..vocab import HIST_BINS
+from ..vocab import HIST_BINS, STATS_DTYPES
 from .threshold import key_to_value, keep_count, magnitude_keys, no_keep_key
 
 logger = logging.getLogger(__name__)
 
-STATS_DTYPES = (torch.bfloat16, torch.float16)
-
 
 def histogram_ref(delta: torch.Tensor, stats_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """int64 histogram (32768 bins) of the 15-bit magnitude key of ``delta`` rounded to ``stats_dtype``."""
-    if stats_dtype not in STATS_DTYPES:
+    if stats_dtype not in STATS_DTYPES.values():
         raise ValueError(f"stats_dtype must be bfloat16 or float16, got {stats_dtype}")
     keys = magnitude_keys(delta, stats_dtype).reshape(-1)
     return torch.bincount(keys.cpu(), minlength=HIST_BINS).to(torch.int64)
