@@ -216,8 +216,10 @@ setup(
         "mergekit": ["mergekit>=0.1.5"],
         "peft": ["peft>=0.18"],
         "pat": ["transformers>=4.45"],
-        # FusionBench pins nothing we pin (torch, transformers, peft): it adds hydra, lightning, tensorboard
-        "fusion_bench": ["fusion-bench==0.2.33"],
+        # FusionBench pins nothing we pin (torch, transformers, peft): it adds hydra, lightning, tensorboard.
+        # The name is spelled as installers normalise it (PEP 685: "fusion-bench"); the metadata always
+        # says "fusion-bench", and pip before 23.3 compares the requested name unnormalised.
+        "fusion-bench": ["fusion-bench==0.2.33"],
         "eval": ["transformers>=4.45", "lm-eval>=0.4.13"],
         "quality": ["transformers>=4.45", "matplotlib"],
         "test": ["pytest", "hypothesis", "pybind11"],

@@ -17,7 +17,7 @@ import torch
 from helpers import quantised_delta, realistic_delta
 
 U = pytest.importorskip("fusion_bench.method.ties_merging.ties_merging_utils",
-                        reason="fusion-bench is not installed (pip install 'dppa-kernels[fusion_bench]')")
+                        reason="fusion-bench is not installed (pip install 'dppa-kernels[fusion-bench]')")
 DU = pytest.importorskip("fusion_bench.method.dare.utils", reason="fusion-bench is not installed")
 
 from dppa_kernels.backends.registry import availability  # noqa: E402
@@ -386,3 +386,18 @@ def test_options_validated():
     with pytest.raises(ValueError, match="backend"):
         fb.install(backend="reference")
     assert not fb.is_installed()
+
+
+def test_install_extra_resolves():
+    """The extra .ci/setup asks for and the one the install hint names are extras the installed
+    metadata provides, spelled exactly as there: pip before 23.3 compares them unnormalised."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    provided = set(importlib.metadata.metadata("dppa-kernels").get_all("Provides-Extra") or [])
+    setup_script = (Path(__file__).resolve().parents[1] / ".ci" / "setup").read_text()
+    requested = re.search(r'-e "\.\[([^\]]+)\]"', setup_script).group(1).split(",")
+    assert "fusion-bench" in requested and not set(requested) - provided, (requested, provided)
+    with pytest.raises(ImportError, match=re.escape("pip install 'dppa-kernels[fusion-bench]'")):
+        fb._module("fusion_bench._no_such_module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("fusion_bench.method", reason="fusion-bench is not installed (pip install 'dppa-kernels[fusion_bench]')")
+pytest.importorskip("fusion_bench.method", reason="fusion-bench is not installed (pip install 'dppa-kernels[fusion-bench]')")
 pytest.importorskip("transformers", reason="transformers is not installed")
 
 from fusion_bench.modelpool import BaseModelPool  # noqa: E402

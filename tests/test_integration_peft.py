@@ -142,6 +142,62 @@ def test_autograd_inputs_go_to_peft():
         assert dp.ties(ts, W, 0.3).grad_fn is None
 
 
+
+def _outcome(fn, *args):
+    """The result of ``fn(*args)`` after seeding torch, or the type of the error it raises."""
+    torch.manual_seed(5)
+    try:
+        return fn(*args)
+    except Exception as exc:  # the type is what is compared
+        return type(exc)
+
+
+MERGES = {"task_arithmetic": (), "magnitude_prune": (0.5,), "ties": (0.5,), "dare_linear": (0.5,),
+          "dare_ties": (0.5,)}
+
+
+@pytest.mark.parametrize("case", ["list", "float64", "0-dim", "1x3", "3x1x1x1", "wrong-count", "nan-density",
+                                  "tensor-density"])
+@pytest.mark.parametrize("fn", list(MERGES))
+def test_merge_inputs_peft_refuses_or_treats_otherwise_go_to_peft(fn, case):
+    """Weights PEFT refuses (a list) stay refused; weights it broadcasts (0-dim, [1, n]) or that
+    make its result float64 get its result; a NaN density gets its error."""
+    ts, density = _tensors(), MERGES[fn]
+    weights = {"list": W.tolist(), "float64": W.double(), "0-dim": torch.tensor(0.5), "1x3": W.reshape(1, 3),
+               "3x1x1x1": W.reshape(3, 1, 1, 1), "wrong-count": W[:2]}.get(case, W)
+    if density and case == "nan-density":
+        density = (float("nan"),)
+    elif density and case == "tensor-density":
+        density = (torch.tensor(0.5),)
+    theirs, ours = _outcome(getattr(mu, fn), ts, weights, *density), _outcome(getattr(dp, fn), ts, weights, *density)
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9), (fn, case)
+    else:
+        assert ours is theirs, (fn, case, ours, theirs)
+
+
+def test_float64_weights_are_peft_promotion_not_an_error():
+    """LoRA builds its weights with torch.tensor(list): float64 under a float64 default dtype,
+    while the (fp32) adapters stay fp32."""
+    def merged():
+        model = _lora_model()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            model.add_weighted_adapter(["a", "b"], [0.7, 0.5], "m", combination_type="ties", density=0.4)
+        finally:
+            torch.set_default_dtype(previous)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".m." in n}
+
+    plain = merged()
+    dp.install()
+    fast = merged()
+    assert plain.keys() == fast.keys() and plain
+    for n in plain:
+        assert plain[n].dtype == torch.float32 and torch.equal(plain[n], fast[n]), n
+
+
 # ---------------------------------------------------------------- LoRA add_weighted_adapter
 
 class _Tiny(torch.nn.Module):

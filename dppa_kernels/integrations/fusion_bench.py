@@ -88,7 +88,7 @@ def get_options() -> dict:
 
 
 def _module(name: str):
-    return require(name, "fusion_bench", "dppa_kernels.integrations.fusion_bench")
+    return require(name, "fusion-bench", "dppa_kernels.integrations.fusion_bench")
 
 
 def _orig(module: str, name: str):

@@ -39,7 +39,7 @@ def with_search_path(argv: List[str]) -> List[str]:
 def main() -> None:
     from .fusion_bench import get_options, install
 
-    cli = require("fusion_bench.scripts.cli", "fusion_bench", "dppa_kernels.integrations.fusion_bench_cli")
+    cli = require("fusion_bench.scripts.cli", "fusion-bench", "dppa_kernels.integrations.fusion_bench_cli")
     install(rng=os.environ.get("DPPA_FUSION_BENCH_RNG", "hash"))
     print(f"dppa-kernels: FusionBench's TIES and DARE utilities run on dppa_kernels ({get_options()}); "
           f"method=dppa available", file=sys.stderr)

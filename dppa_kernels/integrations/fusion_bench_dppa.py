@@ -35,7 +35,7 @@ import torch
 
 from ._deps import require
 
-require("fusion_bench.method", "fusion_bench", "dppa_kernels.integrations.fusion_bench_dppa")
+require("fusion_bench.method", "fusion-bench", "dppa_kernels.integrations.fusion_bench_dppa")
 from fusion_bench.method import BaseAlgorithm  # noqa: E402
 from fusion_bench.mixins import auto_register_config  # noqa: E402
 from fusion_bench.modelpool import BaseModelPool  # noqa: E402

@@ -21,12 +21,17 @@ Differences, all documented and none silent:
   ``topk`` breaks them arbitrarily). fp32 inputs without ties give PEFT's values.
 * Our kernels are not differentiable: when autograd is recording and an input requires grad, the
   public functions fall back to PEFT's own code. The functions patched into LoRA's module run on
-  detached inputs (``add_weighted_adapter`` only assigns results to ``.data``). float64 inputs also
-  go to PEFT's code.
+  detached inputs (``add_weighted_adapter`` only assigns results to ``.data``).
+* PEFT's code also runs for what it refuses or computes otherwise, so its errors and results stay:
+  float64 inputs, weights that are not a tensor with one value per task (a list: PEFT raises; a
+  0-dim weight: PEFT scales every task by it), float64 weights (a float64 result), a density that
+  is not a finite number.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import warnings
 from typing import Literal
@@ -86,6 +91,26 @@ def _needs_peft(tensors, weights=None, grad: bool = True) -> bool:
            for t in tensors):
         return True
     return grad and records_grad(tensors + [weights])
+
+
+def _merge_needs_peft(task_tensors, weights, density, grad: bool) -> bool:
+    """As :func:`_needs_peft`, for the merge functions. PEFT's own code also takes what it refuses
+    or computes differently: weights that are not a tensor (it raises), that are not one value per
+    task along dim 0 (it broadcasts them: a 0-dim weight scales every task; or it raises), that sit
+    on another device, or that promote the result out of bf16/fp16/fp32 (float64 weights give a
+    float64 result); and a density that is not a finite number (it raises, or takes a tensor)."""
+    task_tensors = list(task_tensors)
+    if _needs_peft(task_tensors, weights, grad):
+        return True
+    t = task_tensors[0]
+    if not isinstance(weights, torch.Tensor) or weights.device != t.device \
+            or torch.promote_types(t.dtype, weights.dtype) not in _FAST:
+        return True
+    if not (1 <= weights.dim() <= t.dim() + 1 and weights.shape[0] == len(task_tensors)
+            and weights.numel() == len(task_tensors)):
+        return True
+    return density is not None and (isinstance(density, bool) or not isinstance(density, numbers.Real)
+                                    or not math.isfinite(density))
 
 
 def _draw_seed() -> int:
@@ -214,29 +239,29 @@ def _make(name: str, detach: bool):
     """The five merge functions; ``detach`` versions are patched into LoRA's module."""
 
     def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-        if _needs_peft(task_tensors, weights, grad=not detach):
+        if _merge_needs_peft(task_tensors, weights, None, grad=not detach):
             return _orig("task_arithmetic")(task_tensors, weights)
         return _fused(task_tensors, weights, 1.0, "none", _SUM, detach)
 
     def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
-        if _needs_peft(task_tensors, weights, grad=not detach):
+        if _merge_needs_peft(task_tensors, weights, density, grad=not detach):
             return _orig("magnitude_prune")(task_tensors, weights, density)
         return _fused(task_tensors, weights, density, "magnitude", _SUM, detach)
 
     def ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float,
              majority_sign_method: Literal["total", "frequency"] = "total") -> torch.Tensor:
-        if _needs_peft(task_tensors, weights, grad=not detach):
+        if _merge_needs_peft(task_tensors, weights, density, grad=not detach):
             return _orig("ties")(task_tensors, weights, density, majority_sign_method)
         return _fused(task_tensors, weights, density, "magnitude", _ties_combine(majority_sign_method), detach)
 
     def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
-        if _needs_peft(task_tensors, weights, grad=not detach):
+        if _merge_needs_peft(task_tensors, weights, density, grad=not detach):
             return _orig("dare_linear")(task_tensors, weights, density)
         return _fused(task_tensors, weights, density, "random", _SUM, detach)
 
     def dare_ties(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float,
                   majority_sign_method: Literal["total", "frequency"] = "total") -> torch.Tensor:
-        if _needs_peft(task_tensors, weights, grad=not detach):
+        if _merge_needs_peft(task_tensors, weights, density, grad=not detach):
             return _orig("dare_ties")(task_tensors, weights, density, majority_sign_method)
         return _fused(task_tensors, weights, density, "random", _ties_combine(majority_sign_method), detach)
 
