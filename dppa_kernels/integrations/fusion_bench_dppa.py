@@ -24,6 +24,7 @@ Every config key that is ``null`` takes :class:`DPPA`'s default (:mod:`dppa_kern
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from fusion_bench.modelpool import BaseModelPool  # noqa: E402
 from ..dppa import DEFAULT_DENSITIES, PRESETS, resolve_alphas  # noqa: E402
 from ..dppa.model import COMBINES, DPPA  # noqa: E402
 from ..dppa.search import STRATEGIES  # noqa: E402
+from ..methods import get_method  # noqa: E402
 from .fusion_bench_cli import SEARCH_PATH  # noqa: E402,F401 (where Hydra finds method/dppa.yaml)
 
 __all__ = ["DPPAAlgorithm", "taskpool_evaluator", "metric_of", "SEARCH_PATH"]
@@ -50,9 +52,6 @@ __all__ = ["DPPAAlgorithm", "taskpool_evaluator", "metric_of", "SEARCH_PATH"]
 LOG = logging.getLogger(__name__)
 SEARCH = "search"  # the ``alphas`` value that runs the α search
 SEARCH_KEYS = ("strategy", "max_evals", "metric", "higher_is_better", "per_task", "taskpool", "report_path")
-NUMBER_KEYS = ("offset_lambda", "outlier_mult_layer", "outlier_mult_unit")
-TEXT_KEYS = ("tie_mode", "count_rule", "band_combine", "stats_dtype", "nonunit_mode", "unit_pattern",
-             "layer_pattern", "backend")
 
 
 def _plain(value: Any) -> Any:
@@ -316,3 +315,15 @@ class DPPAAlgorithm(BaseAlgorithm):
             raise ValueError("method.alphas is search but there is no task pool: set method.search.taskpool or the "
                              "program's taskpool, or pass evaluate= to run()")
         return pool
+
+
+def _dppa_keys(kind: type) -> tuple:
+    """The dppa method's global parameters of type ``kind`` (the method registry) that
+    :class:`DPPAAlgorithm` takes, passed to :class:`DPPA` under the same names."""
+    taken = inspect.signature(DPPAAlgorithm.__init__).parameters
+    return tuple(p.name for p in get_method("dppa").params
+                 if p.scope == "global" and p.type is kind and p.name in taken)
+
+
+NUMBER_KEYS = _dppa_keys(float)
+TEXT_KEYS = (*_dppa_keys(str), "backend")  # backend: which kernels run, not a merge parameter
