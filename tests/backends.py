@@ -40,6 +40,7 @@ def triton_target() -> tuple[bool, str]:
     with TRITON_INTERPRET=0 compiled on CUDA tensors. Skips the calling module where triton is
     not installed, or where compiled Triton is asked for on a machine without a GPU.
     """
+    # .ci/setup installs triton, so CI never skips here; a machine without it has no Triton to test
     pytest.importorskip("triton", reason="triton is not installed")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and not torch.cuda.is_available():

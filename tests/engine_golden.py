@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 import yaml
@@ -104,6 +105,20 @@ def family_once(folder: str) -> tuple[str, list]:
         write_family(folder)
         open(marker, "w").close()
     return os.path.join(folder, "base"), [os.path.join(folder, f"ft{i}") for i in range(3)]
+
+
+def shared_family(tmp_path_factory, name: str) -> tuple:
+    """(a fresh folder named ``name`` for a module's configs, base, fine-tuned folders): the family
+    is written once per test session, in the session's base temp folder, and shared by the modules."""
+    root = tmp_path_factory.mktemp(name)
+    base, fts = family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))
+    return root, base, fts
+
+
+def config_of(family: tuple, case: str, fts: Optional[list] = None) -> str:
+    """The config of ``case`` over a :func:`shared_family` (other fine-tuned folders if ``fts``)."""
+    root, base, own = family
+    return write_config(str(root / f"{case}.yml"), case, base, fts or own)
 
 
 def write_config(path: str, case: str, base: str, fts: list) -> str:

@@ -32,14 +32,10 @@ class PicklingExecutor(Executor):
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    base, fts = G.family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))  # shared by the modules
-    return root, base, fts
+    return G.shared_family(tmp_path_factory, "stages")
 
 
-def _config(family, case: str) -> str:
-    root, base, fts = family
-    return G.write_config(str(root / f"{case}.yml"), case, base, fts)
+_config = G.config_of
 
 
 def test_executor_is_an_interface():

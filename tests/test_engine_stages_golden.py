@@ -13,9 +13,7 @@ pytest.importorskip("mergekit", reason="the fast path reads mergekit's architect
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("golden")
-    base, fts = G.family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))  # shared by the modules
-    return root, base, fts
+    return G.shared_family(tmp_path_factory, "golden")
 
 
 def test_inputs_are_the_recorded_ones(family):

@@ -43,14 +43,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    base, fts = G.family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))  # shared by the modules
-    return root, base, fts
+    return G.shared_family(tmp_path_factory, "ray")
 
 
-def _config(family, case: str, fts=None) -> str:
-    root, base, ft = family
-    return G.write_config(str(root / f"{case}.yml"), case, base, fts or ft)
+_config = G.config_of
 
 
 @pytest.mark.parametrize("case", list(G.CASES))

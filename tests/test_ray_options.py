@@ -14,14 +14,10 @@ from dppa_kernels.engine import MergeError, MergeOptions, run_merge
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray-options")
-    base, fts = G.family_once(str(tmp_path_factory.getbasetemp() / "golden-family"))  # shared by the modules
-    return root, base, fts
+    return G.shared_family(tmp_path_factory, "ray-options")
 
 
-def _config(family, case: str) -> str:
-    root, base, fts = family
-    return G.write_config(str(root / f"{case}.yml"), case, base, fts)
+_config = G.config_of
 
 
 def test_missing_ray_is_one_clear_error(family, tmp_path, monkeypatch):

@@ -143,8 +143,11 @@ def pytest_runtest_logreport(report):
     elif ("dppa_compat", "excluded") in report.user_properties:
         now = "excluded"
     elif report.skipped:
+        # not an assertion: the host's own outcome, recorded; an expected failure (xfail) is
+        # what the host marked, a skip is rechecked without install() by the control run
         now = "xfailed" if hasattr(report, "wasxfail") else (before or "skipped")
     elif report.when == "call":
+        # an unexpected pass of a host xfail counts as passing, as pytest reports it
         now = "xpassed" if hasattr(report, "wasxfail") else "passed"
     else:
         return
